@@ -1,0 +1,57 @@
+"""Shared fixtures: where the shared datasets and weights are, and a private Keras cache.
+
+`PERSONCLF_SHARED` points at the shared folder (default: `../shared` beside the checkout).
+Tests that need it skip with a reason where it is absent (a user's clone); CI always has it.
+Nothing is ever written into it.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("PERSONCLF_SHARED", REPO.parent / "shared")).resolve()
+
+
+def _need(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"{path} not found: set PERSONCLF_SHARED to the shared data folder")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    return _need(SHARED)
+
+
+@pytest.fixture(scope="session")
+def datasets(shared: Path) -> Path:
+    return _need(shared / "datasets")
+
+
+@pytest.fixture(scope="session")
+def weights_dir(shared: Path) -> Path:
+    return _need(shared / "weights")
+
+
+@pytest.fixture(scope="session")
+def mobilenet_025_weights(weights_dir: Path) -> Path:
+    """Genuine ImageNet MobileNet v1 alpha 0.25, no top: the fast backbone for real-data tests."""
+    return _need(weights_dir / "mobilenet_2_5_224_tf_no_top.h5")
+
+
+@pytest.fixture(scope="session")
+def keras_home(weights_dir: Path, tmp_path_factory) -> Path:
+    """A writable KERAS_HOME in which `weights="imagenet"` finds the shared files offline."""
+    home = tmp_path_factory.mktemp("keras_home")
+    subprocess.run([str(weights_dir / "make_keras_home.sh"), str(home)], check=True)
+    return home
+
+
+@pytest.fixture(scope="session")
+def sample_dir() -> Path:
+    """The small credited sample bundled in the repo (always present)."""
+    return REPO / "sample" / "lfw_mini"

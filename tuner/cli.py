@@ -1,0 +1,288 @@
+"""Command line: parse flags, build a config, call the Python API, print.
+
+Nothing here computes anything; every command is a call a notebook could make. `main(argv)`
+returns the exit code so tests call it directly. Errors the user can fix (`UsageError`) print
+one line and exit 2; no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import TunerError, UsageError
+
+COMMANDS = ("search", "data", "report", "evaluate")
+
+
+def _add_scan_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--unknown-name", default="Unknown",
+                   help="folder of strangers (default: Unknown)")
+    p.add_argument("--no-face-policy", choices=("member", "unknown", "skip"), default="member",
+                   help="label of images in folders nested inside a person's folder "
+                        "(face not visible): the person (member), Unknown, or left out (skip)")
+    p.add_argument("--near-duplicate-distance", type=int, default=4, metavar="BITS",
+                   help="perceptual-hash distance (0-64) at which two images count as near-duplicates")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="personclf-tune",
+        description="Turn a folder of photos of people into a person classifier by transfer "
+                    "learning and hyperparameter search.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0)
+    sub = parser.add_subparsers(dest="command")
+
+    p = sub.add_parser("data", help="scan a dataset folder and report classes, bad files, duplicates")
+    p.add_argument("data_dir", type=Path, help="DIR/<person>/*.jpg, DIR/Unknown/*.jpg")
+    _add_scan_flags(p)
+    p.add_argument("--json", type=Path, metavar="FILE", help="also write the summary as JSON")
+    p.add_argument("--split", type=Path, metavar="FILE",
+                   help="also write a train/val/test split.csv to FILE")
+    p.add_argument("--val-fraction", type=float, default=0.16)
+    p.add_argument("--test-fraction", type=float, default=0.20)
+    p.add_argument("--seed", type=int, default=42)
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("search", help="run a hyperparameter search (the default command)")
+    p.add_argument("--data", type=Path, default=Path("dataset"), metavar="DIR",
+                   help="dataset folder (default: ./dataset)")
+    p.add_argument("--trials", type=int, default=40, help="trials to finish (default 40)")
+    p.add_argument("--space", default="default", metavar="FILE",
+                   help="search-space YAML, or the name of one in search_spaces/ "
+                        "(default, edge, cpu-quick)")
+    p.add_argument("--backbones", default="", metavar="A,B",
+                   help="restrict the space to these backbones")
+    p.add_argument("--engine", choices=("optuna", "random", "bayesian", "hyperband"),
+                   default="optuna")
+    p.add_argument("--output", type=Path, metavar="RUN",
+                   help="run directory (default: a new results/run-NNN); rerun to resume")
+    p.add_argument("--storage", metavar="URL",
+                   help="Optuna storage (e.g. postgresql://...); default: a journal file in RUN")
+    p.add_argument("--study-name", metavar="NAME")
+    p.add_argument("--objective", default="val_balanced_accuracy",
+                   choices=("val_balanced_accuracy", "val_accuracy", "val_macro_f1"))
+    p.add_argument("--no-pruning", action="store_true", help="never stop a trial early")
+    p.add_argument("--no-retrain", action="store_true",
+                   help="skip retraining and testing the best trial")
+    _add_training_flags(p)
+    _add_scan_flags(p)
+    p.add_argument("--val-fraction", type=float, default=0.16)
+    p.add_argument("--test-fraction", type=float, default=0.20)
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("report", help="regenerate and print the tables and plots of a run")
+    p.add_argument("run_dir", type=Path, nargs="?", default=None, metavar="RUN")
+    p.add_argument("--storage", metavar="URL", help="read the study from this storage")
+    p.add_argument("--study-name", metavar="NAME")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("evaluate", help="run a saved model on a folder dataset and report it")
+    p.add_argument("model", type=Path, help="RUN/best or RUN/best/model.keras")
+    p.add_argument("--data", type=Path, required=True, metavar="DIR")
+    p.add_argument("--no-face-policy", choices=("member", "unknown", "skip"), default="member")
+    p.add_argument("--json", type=Path, metavar="FILE")
+    p.set_defaults(func=cmd_evaluate)
+    return parser
+
+
+def _add_training_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", default="imagenet", metavar="imagenet|none|PATH",
+                   help="backbone weights: Keras's ImageNet download/cache (KERAS_HOME), "
+                        "random init, or a local weights file")
+    p.add_argument("--max-epochs", type=int, default=10, metavar="N",
+                   help="epoch limit of each stage (default 10); early stopping ends sooner")
+    p.add_argument("--max-epochs-stage2", type=int, metavar="N",
+                   help="epoch limit of stage 2 (default: --max-epochs; 0 skips it)")
+    p.add_argument("--patience", type=int, default=3)
+    p.add_argument("--class-weight", choices=("balanced", "max_over_count", "none"),
+                   default="balanced")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--mixed-precision", action="store_true", help="float16 compute (GPU)")
+    p.add_argument("--jit-compile", action="store_true", help="XLA-compile training steps (GPU)")
+
+
+def resolve_space(value: str) -> Path:
+    """A path, or a name looked up in ./search_spaces and in the installed checkout's."""
+    path = Path(value)
+    if path.is_file():
+        return path
+    name = value if value.endswith((".yaml", ".yml")) else f"{value}.yaml"
+    for folder in (Path("search_spaces"), Path(__file__).resolve().parents[1] / "search_spaces"):
+        if (folder / name).is_file():
+            return folder / name
+    raise UsageError(f"--space {value}: no such file (and no search_spaces/{name})")
+
+
+def resolve_weights(value: str) -> str | None:
+    if value.lower() == "none":
+        return None
+    if value.lower() == "imagenet":
+        return "imagenet"
+    if not Path(value).is_file():
+        raise UsageError(f"--weights {value}: no such file; use imagenet, none or a weights file")
+    return str(Path(value).resolve())
+
+
+def search_config(args: argparse.Namespace):
+    """Flags -> SearchConfig (the same object a notebook would build)."""
+    from .config import FitConfig, ScanConfig, SearchConfig, SplitConfig
+    from .search import next_run_dir
+
+    if not args.data.is_dir():
+        raise UsageError(f"--data {args.data}: no such folder; put photos in "
+                         f"{args.data}/<person>/ and {args.data}/Unknown/, or pass --data DIR")
+    stage2 = args.max_epochs if args.max_epochs_stage2 is None else args.max_epochs_stage2
+    fit = FitConfig(max_epochs_stage1=args.max_epochs, max_epochs_stage2=stage2,
+                    patience=args.patience, class_weight=args.class_weight, seed=args.seed,
+                    weights=resolve_weights(args.weights), objective=args.objective,
+                    mixed_precision=args.mixed_precision, jit_compile=args.jit_compile)
+    scan_cfg = ScanConfig(args.data, unknown_name=args.unknown_name,
+                          no_face_policy=args.no_face_policy,
+                          near_duplicate_distance=args.near_duplicate_distance)
+    return SearchConfig(
+        data_dir=args.data, run_dir=args.output or next_run_dir(), trials=args.trials,
+        space=resolve_space(args.space),
+        backbones=tuple(b.strip() for b in args.backbones.split(",") if b.strip()),
+        engine=args.engine, storage=args.storage, study_name=args.study_name,
+        pruning=not args.no_pruning, retrain_best=not args.no_retrain, scan=scan_cfg,
+        split=SplitConfig(args.val_fraction, args.test_fraction, args.seed), fit=fit)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from .report import summary_text
+    from .search import run_search
+
+    config = search_config(args)
+    print(f"run directory: {config.run_dir}  (rerun the same command to resume)")
+    bar = _trial_bar(config.trials)
+
+    def on_trial(row: dict) -> None:
+        p = row["params"]
+        alpha = f" a{p.alpha:g}" if p.alpha else ""
+        value = f"{config.fit.objective}={row['value']:.4f}" if "value" in row else row["state"]
+        bar.write(f"trial {row['number']:>3} {row['state']:<8} {p.backbone}{alpha}@{p.input_size} "
+                  f"{value}  ({row['seconds']:.0f}s)" + (f"  {row['error']}" if row.get("error") else ""))
+        bar.update(1 if row["state"] in ("COMPLETE", "PRUNED") else 0)
+
+    try:
+        outcome = run_search(config, on_trial=on_trial)
+    finally:
+        bar.close()
+    print()
+    print(summary_text(outcome.trials, config.fit.objective))
+    if outcome.evaluation is not None:
+        from .report import format_evaluation
+
+        print(f"\nBest trial retrained, test split ({outcome.best_dir}):")
+        print(format_evaluation(outcome.evaluation))
+    print(f"\nresults in {config.run_dir}")
+    return 0
+
+
+def _trial_bar(total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="trials", unit="trial", dynamic_ncols=True,
+                disable=not sys.stderr.isatty())
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import summary_text, write_results
+    from .search import load_state
+
+    if args.run_dir is None and args.storage is None:
+        raise UsageError("report: give a run directory or --storage URL --study-name NAME")
+    run_dir = args.run_dir or Path(".")
+    engine, objective, study, trials = load_state(run_dir, args.storage, args.study_name)
+    files = write_results(trials, run_dir, objective, study=study)
+    print(summary_text(trials, objective))
+    best = run_dir / "best" / "test_report.txt"
+    if best.is_file():
+        print("\nBest trial retrained, test split:\n" + best.read_text())
+    print("\nwrote " + ", ".join(str(p) for p in files.values()))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .best import evaluate_model
+    from .data import write_json
+    from .report import format_evaluation
+
+    evaluation = evaluate_model(args.model, args.data, args.no_face_policy)
+    print(format_evaluation(evaluation))
+    if args.json:
+        write_json({k: v for k, v in evaluation.items() if k != "report_text"}, args.json)
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from .config import ScanConfig, SplitConfig
+    from .data import format_scan_report, scan, split, split_table, write_json, write_split
+
+    config = ScanConfig(args.data_dir, unknown_name=args.unknown_name,
+                        no_face_policy=args.no_face_policy,
+                        near_duplicate_distance=args.near_duplicate_distance)
+    split_config = SplitConfig(args.val_fraction, args.test_fraction, args.seed)
+    result = scan(config)
+    print(format_scan_report(result))
+    if args.json:
+        write_json(result.summary(), args.json)
+        print(f"\nwrote {args.json}")
+    result.validate()
+    if args.split:
+        from tabulate import tabulate
+
+        df = split(result.images, split_config)
+        write_split(df, args.split)
+        print(f"\nSplit (seed {args.seed}) written to {args.split}:")
+        print(tabulate(split_table(df), headers="keys", tablefmt="github"))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `personclf-tune --trials 40` means `personclf-tune search --trials 40`, like the origin.
+    if argv and argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version") \
+            and not argv[0].startswith("-v"):
+        argv.insert(0, "search")
+    elif not argv:
+        argv = ["search"]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2),
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        # TensorFlow's retracing notes are about its internals, not the user's run.
+        logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as exc:
+        print(f"personclf-tune: error: {exc}", file=sys.stderr)
+        return 2
+    except TunerError as exc:
+        print(f"personclf-tune: failed: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("personclf-tune: interrupted; finished work is saved, rerun the same command "
+              "to resume", file=sys.stderr)
+        return 130
+
+
+def _quiet_tensorflow() -> None:
+    """TensorFlow's C++ start-up chatter hides our output; users can still raise it."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+_quiet_tensorflow()
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""Typed, validated settings for every stage of the flow.
+
+Frozen dataclasses validated on construction, so a bad value fails at the flag that set it and
+not deep inside a trial. The CLI builds these from flags (and YAML); tests and notebooks build
+them directly.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import UsageError
+
+NO_FACE_POLICIES = ("member", "unknown", "skip")
+CLASS_WEIGHT_METHODS = ("balanced", "max_over_count", "none")
+
+
+@dataclass(frozen=True)
+class ScanConfig:
+    """How a dataset folder is read: `DIR/<person>/*`, `DIR/<unknown_name>/*`, nested no-face folders."""
+
+    data_dir: Path
+    unknown_name: str = "Unknown"
+    no_face_policy: str = "member"
+    # Perceptual-hash Hamming distance (of 64 bits) at or under which two images are near-duplicates.
+    near_duplicate_distance: int = 4
+    # Images whose declared pixel count exceeds this are refused as decompression bombs.
+    max_pixels: int = 64_000_000
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data_dir", Path(self.data_dir))
+        if self.no_face_policy not in NO_FACE_POLICIES:
+            raise UsageError(
+                f"--no-face-policy {self.no_face_policy!r}: choose one of {', '.join(NO_FACE_POLICIES)}"
+            )
+        if not 0 <= self.near_duplicate_distance <= 64:
+            raise UsageError("near-duplicate distance must be between 0 and 64 bits")
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """Stratified, group-aware train/val/test fractions (the origin used 0.64/0.16/0.20)."""
+
+    val_fraction: float = 0.16
+    test_fraction: float = 0.20
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        for name in ("val_fraction", "test_fraction"):
+            value = getattr(self, name)
+            if not 0.0 < value < 1.0:
+                raise UsageError(f"--{name.replace('_', '-')} {value}: must be between 0 and 1")
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise UsageError(
+                f"--val-fraction {self.val_fraction} + --test-fraction {self.test_fraction} leave "
+                "under 10% for training; lower them"
+            )
+
+    @property
+    def train_fraction(self) -> float:
+        return 1.0 - self.val_fraction - self.test_fraction
+
+
+@dataclass(frozen=True)
+class TrialParams:
+    """The concrete hyperparameters of one trial, whatever engine chose them.
+
+    This is the vocabulary of the search space: `tuner.space.define(hp, space)` returns one, and
+    `tuner.hypermodel` consumes it. Defaults are the origin's hand-tuned MobileNetV2 run.
+    """
+
+    backbone: str = "MobileNetV2"
+    alpha: float | None = None
+    input_size: int = 224
+    dense_units: int = 128
+    dropout: float = 0.2
+    l2: float = 1e-4
+    label_smoothing: float = 0.1
+    lr_stage1: float = 5e-4
+    lr_stage2: float = 5e-5
+    # Index into the backbone's freeze points: layers before that block stay frozen in stage 2.
+    freeze_block: int = 0
+    # 0 = no augmentation; 1 = the strongest (rotation, shift, zoom, shear, flip) the space allows.
+    augment: float = 1.0
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.input_size < 32:
+            raise UsageError(f"input_size {self.input_size}: must be at least 32 pixels")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UsageError(f"dropout {self.dropout}: must be in [0, 1)")
+        if self.batch_size < 1 or self.dense_units < 0:
+            raise UsageError("batch_size must be >= 1 and dense_units >= 0")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """Per-trial training budget and policy, shared by every trial of a search."""
+
+    max_epochs_stage1: int = 10
+    max_epochs_stage2: int = 10
+    patience: int = 3
+    class_weight: str = "balanced"
+    seed: int = 42
+    weights: str | None = "imagenet"  # "imagenet", None (random init) or a path to a weights file
+    objective: str = "val_balanced_accuracy"
+    mixed_precision: bool = False
+    jit_compile: bool = False
+    verbose: int = 0
+
+    def __post_init__(self) -> None:
+        if self.class_weight not in CLASS_WEIGHT_METHODS:
+            raise UsageError(
+                f"--class-weight {self.class_weight!r}: choose one of {', '.join(CLASS_WEIGHT_METHODS)}"
+            )
+        if self.max_epochs_stage1 < 1 or self.max_epochs_stage2 < 0 or self.patience < 1:
+            raise UsageError("--max-epochs must be >= 1 and --patience >= 1")
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where a run directory keeps each artefact; the run directory is the unit of work."""
+
+    root: Path
+    split_csv: Path = field(init=False)
+    cache_dir: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        root = Path(self.root)
+        object.__setattr__(self, "root", root)
+        object.__setattr__(self, "split_csv", root / "split.csv")
+        object.__setattr__(self, "cache_dir", root / "cache")
+
+
+ENGINES = ("optuna", "random", "bayesian", "hyperband")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Everything one search needs; written to `RUN/config.json` and checked on resume."""
+
+    data_dir: Path
+    run_dir: Path
+    trials: int = 40
+    space: Path = Path("search_spaces/default.yaml")
+    backbones: tuple[str, ...] = ()  # restrict the space to these (empty: all of the file's)
+    engine: str = "optuna"
+    storage: str | None = None  # Optuna storage URL; default: a journal file in the run dir
+    study_name: str | None = None
+    pruning: bool = True
+    retrain_best: bool = True
+    workers: int = 1
+    scan: ScanConfig | None = None
+    split: SplitConfig = field(default_factory=SplitConfig)
+    fit: FitConfig = field(default_factory=FitConfig)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data_dir", Path(self.data_dir))
+        object.__setattr__(self, "run_dir", Path(self.run_dir))
+        object.__setattr__(self, "space", Path(self.space))
+        object.__setattr__(self, "backbones", tuple(self.backbones))
+        if self.scan is None:
+            object.__setattr__(self, "scan", ScanConfig(self.data_dir))
+        if self.trials < 1:
+            raise UsageError(f"--trials {self.trials}: must be at least 1")
+        if self.engine not in ENGINES:
+            raise UsageError(f"--engine {self.engine!r}: choose one of {', '.join(ENGINES)}")
+        if self.workers < 1:
+            raise UsageError(f"--workers {self.workers}: must be at least 1")
+        if self.storage and self.engine != "optuna":
+            raise UsageError("--storage only applies to --engine optuna")
+
+    def identity(self) -> dict:
+        """The settings a resumed run must share with the original (not the trial count)."""
+        d = asdict(self)
+        for key in ("trials", "workers", "retrain_best", "run_dir"):
+            d.pop(key)
+        d["fit"].pop("verbose")
+        return _jsonable(d)
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj

@@ -1,0 +1,703 @@
+"""Scan a dataset folder, find bad files and duplicates, split it, and weigh its classes.
+
+Layout: `DIR/<person>/*` holds photos where the face is visible; any folder nested inside a
+person's folder (e.g. `DIR/<person>/no_face/`) holds photos of that person where it is not;
+`DIR/Unknown/*` holds strangers. Real folders are messy, so every file is opened and fully
+decoded once here: whatever cannot be used is reported with a reason and left untouched. Input
+files are only ever opened for reading.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import json
+import logging
+import os
+import stat
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageFile, ImageOps
+
+from .config import ScanConfig, SplitConfig
+from .errors import DatasetError, UsageError
+
+log = logging.getLogger(__name__)
+
+# Never accept a truncated file silently: it is reported instead.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+# Pillow's own warnings (palette transparency, odd EXIF, large images) would bury the CLI's output;
+# every real problem is reported as a skip reason instead. A module-scoped filter, installed once,
+# because `warnings.catch_warnings()` per image is not thread-safe and the input pipeline decodes
+# in threads (racing catch_warnings can leave *all* warnings silenced for the whole process).
+warnings.filterwarnings("ignore", module=r"PIL\.")
+
+SYSTEM_FILES = {".ds_store", "thumbs.db", "desktop.ini", "icon\r", ".directory"}
+SPLITS = ("train", "val", "test")
+FACE, NO_FACE = "face", "no_face"
+# A class needs one group of images in each of train, val and test.
+MIN_IMAGES_PER_CLASS = len(SPLITS)
+# A photo is never this big; reading a stray video or disk image whole would exhaust memory.
+MAX_FILE_BYTES = 512 * 1024 * 1024
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
+# Leading bytes of the formats people actually put in photo folders, to name what a file that
+# Pillow cannot open was meant to be ("corrupt JPEG" rather than "not an image").
+_MAGIC = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF87a", "GIF"),
+          (b"GIF89a", "GIF"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"BM", "BMP"))
+# What a complete file ends with: a damaged file that still has it was not cut short.
+_TRAILERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82", "GIF": b";"}
+
+
+@dataclass
+class ScanResult:
+    """What a scan found. `images` has one row per usable image; the rest explains the others."""
+
+    config: ScanConfig
+    images: pd.DataFrame
+    skipped: list[dict] = field(default_factory=list)  # {"path", "reason"}
+    duplicates: list[dict] = field(default_factory=list)  # exact copies: {"sha256", "paths", "labels", "conflict"}
+    near_duplicates: list[dict] = field(default_factory=list)  # {"paths", "labels", "distance"}
+    empty_classes: list[str] = field(default_factory=list)
+    excluded_no_face: int = 0  # images left out by --no-face-policy skip
+
+    @property
+    def classes(self) -> list[str]:
+        """Sorted labels, so that class indices are stable across runs and machines."""
+        return sorted(self.images["label"].unique().tolist())
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """{label: {"face": n, "no_face": m}} after the no-face policy."""
+        out: dict[str, dict[str, int]] = {}
+        for label in self.classes:
+            rows = self.images[self.images["label"] == label]
+            out[label] = {view: int((rows["view"] == view).sum()) for view in (FACE, NO_FACE)}
+        return out
+
+    def fingerprint(self) -> str:
+        """Hash of (path, content, label) of every usable image: keys caches and guards resumes."""
+        h = hashlib.sha256()
+        for row in self.images.sort_values("path").itertuples():
+            h.update(f"{row.path}\0{row.sha256}\0{row.label}\n".encode())
+        return h.hexdigest()[:16]
+
+    def summary(self) -> dict:
+        """The machine-readable form (`personclf-tune data --json`)."""
+        counts = self.counts()
+        totals = [sum(v.values()) for v in counts.values()]
+        return {
+            "data_dir": str(self.config.data_dir),
+            "no_face_policy": self.config.no_face_policy,
+            "unknown_name": self.config.unknown_name,
+            "images": int(len(self.images)),
+            "classes": counts,
+            "imbalance_ratio": (max(totals) / min(totals)) if totals else None,
+            "class_weights": class_weights(self.images["label"], self.classes) if totals else {},
+            "skipped": self.skipped,
+            "duplicates": self.duplicates,
+            "near_duplicates": self.near_duplicates,
+            "empty_classes": self.empty_classes,
+            "excluded_no_face": self.excluded_no_face,
+            "fingerprint": self.fingerprint(),
+        }
+
+    def validate(self) -> None:
+        """Raise a one-line DatasetError when the dataset cannot be trained and tested on."""
+        where = self.config.data_dir
+        if self.images.empty:
+            raise DatasetError(
+                f"{where}: no usable images found; put photos in {where}/<person>/ folders "
+                f"({len(self.skipped)} files were skipped, see the report)"
+            )
+        classes = self.classes
+        if len(classes) < 2:
+            raise DatasetError(
+                f"{where}: only one class ({classes[0]!r}); add a folder per person and an "
+                f"{self.config.unknown_name}/ folder of other people"
+            )
+        groups = self.images.groupby("label")["group"].nunique()
+        for label, n in groups.items():
+            if n < MIN_IMAGES_PER_CLASS:
+                raise DatasetError(
+                    f"class {label!r} has {n} distinct usable image(s); each class needs at least "
+                    f"{MIN_IMAGES_PER_CLASS} to split into train/val/test: add photos to "
+                    f"{where / str(label)} or remove that folder"
+                )
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding: one function used by the scan and by the input pipeline, so both see the same pixels.
+
+
+def open_rgb(data: bytes, max_pixels: int = 64_000_000) -> Image.Image:
+    """Decode image bytes to an upright 8-bit RGB image.
+
+    Applies the EXIF orientation, takes the first frame of animations, scales 16-bit images
+    down instead of clipping them, and composites transparency onto white. Raises ValueError
+    with a human reason when the bytes are not a usable image.
+    """
+    return _decode(data, max_pixels)[0]
+
+
+def _decode(data: bytes, max_pixels: int) -> tuple[Image.Image, str, str]:
+    """(upright RGB image, file format, original mode); ValueError with a reason otherwise.
+
+    The declared size is checked right after the header is parsed, before any pixel is
+    allocated. Pillow's global MAX_IMAGE_PIXELS is left alone (it protects other code too);
+    it still refuses, by itself, sizes over twice its limit, which are bombs here as well.
+    """
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise ValueError(f"decompression bomb: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - plugins raise OSError, SyntaxError, struct.error, ...
+        raise ValueError(_unidentified_reason(data, exc)) from None
+    width, height = img.size
+    if width * height > max_pixels:
+        raise ValueError(
+            f"decompression bomb: declares {width}x{height} pixels (limit {max_pixels:,})"
+        )
+    fmt, mode = img.format or "image", img.mode
+    try:
+        img.seek(0)  # the first frame of an animation
+        img.load()
+    except Exception as exc:  # noqa: BLE001 - any decoder failure means the pixels are unusable
+        raise ValueError(f"{_damage(data, fmt, exc)} {fmt}: {exc}") from None
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception as exc:  # noqa: BLE001 - damaged EXIF: show the pixels as stored, like viewers do
+        log.debug("ignoring unreadable EXIF orientation: %s", exc)
+    try:
+        return _to_rgb(img, fmt), fmt, mode
+    except (ValueError, OSError) as exc:
+        raise ValueError(f"unsupported colour mode {mode} in {fmt}: {exc}") from None
+
+
+def _damage(data: bytes, fmt: str, exc: Exception) -> str:
+    """"truncated" when the file stops early, else "corrupt".
+
+    Pillow says "truncated" whenever it runs out of bytes, also when a damaged length field
+    sends it past the end; a file that still ends with its format's trailer was not cut short.
+    """
+    trailer = _TRAILERS.get(fmt)
+    if trailer and data.rstrip(b"\x00").endswith(trailer):
+        return "corrupt"
+    return "truncated" if "truncated" in str(exc).lower() else "corrupt"
+
+
+def _unidentified_reason(data: bytes, exc: Exception) -> str:
+    """Why Pillow could not even parse the header: a damaged known format, text, or other."""
+    kind = next((k for magic, k in _MAGIC if data.startswith(magic)), None)
+    if kind is None and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        kind = "WEBP"
+    if kind:
+        if _damage(data, kind, exc) == "truncated":
+            return f"truncated {kind}: file ends inside its header"
+        return f"corrupt {kind}: header unreadable"
+    head = data[:1024]
+    printable = sum(32 <= c < 127 or c in (9, 10, 13) or c >= 128 for c in head)
+    if head and b"\x00" not in head and printable / len(head) > 0.95:
+        return "not an image: text file"
+    return "not an image: unrecognised format"
+
+
+def _to_rgb(img: Image.Image, fmt: str = "") -> Image.Image:
+    """Any Pillow mode to 8-bit RGB: rescale (not clip) 16-bit, flatten alpha onto white."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        arr = np.asarray(img, dtype=np.float64)
+        # Pillow < 11 opens 16-bit grey PNGs as "I": those are 16-bit even when dark.
+        sixteen = img.mode.startswith("I;16") or fmt == "PNG" or arr.max(initial=0) > 255
+        top = 65535.0 if sixteen else 255.0
+        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    elif img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def read_bytes(path: Path) -> bytes:
+    """Read a file without following it anywhere unexpected (kept separate as a test seam)."""
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
+def phash64(img: Image.Image) -> int:
+    """64-bit perceptual hash (DCT of a 32x32 greyscale), robust to re-encoding and resizing."""
+    import imagehash
+
+    bits = imagehash.phash(img, hash_size=8).hash.flatten()
+    return int("".join("1" if b else "0" for b in bits), 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# The scan.
+
+
+def scan(config: ScanConfig) -> ScanResult:
+    """Walk `config.data_dir`, decode every candidate file once, and describe what is usable."""
+    root = config.data_dir
+    if not root.is_dir():
+        raise DatasetError(f"{root}: not a directory; give a folder with one subfolder of photos per person")
+    root_real = os.path.realpath(root)
+    rows: list[dict] = []
+    skipped: list[dict] = []
+    empty: list[str] = []
+    excluded = 0
+    class_reals: dict[str, str] = {}
+
+    def skip(path: Path, reason: str) -> None:
+        skipped.append({"path": _rel(path, root), "reason": reason})
+
+    for entry in sorted(root.iterdir(), key=lambda p: p.name):
+        reason = _name_problem(entry)
+        if reason:
+            skip(entry, reason)
+            continue
+        if not entry.is_dir():
+            skip(entry, _not_dir_reason(entry) or "not inside a class folder")
+            continue
+        real = os.path.realpath(entry)
+        if _inside(root_real, real):
+            skip(entry, "symlink loop: points to the dataset folder or above it")
+            continue
+        if real in class_reals:
+            skip(entry, f"same folder as class {class_reals[real]!r} (symlink): ignored")
+            continue
+        class_reals[real] = entry.name
+        label = entry.name
+        found = 0
+        for path, view in _walk_class(entry, root_real, skip):
+            effective = label
+            if view == NO_FACE and label != config.unknown_name:
+                if config.no_face_policy == "skip":
+                    excluded += 1
+                    continue
+                if config.no_face_policy == "unknown":
+                    effective = config.unknown_name
+            row = _inspect(path, root, config, skip)
+            if row is not None:
+                row.update(label=effective, folder=label, view=view)
+                rows.append(row)
+                found += 1
+        if found == 0:
+            empty.append(label)
+            skip(entry, "class folder has no usable images: ignored")
+
+    images = pd.DataFrame(
+        rows,
+        columns=["path", "label", "folder", "view", "width", "height", "format", "mode",
+                 "bytes", "sha256", "phash"],
+    )
+    result = ScanResult(config, images, skipped, empty_classes=empty, excluded_no_face=excluded)
+    _find_duplicates(result)
+    return result
+
+
+def _name_problem(path: Path) -> str | None:
+    """Entries skipped by name alone: OS clutter, hidden entries, names that cannot be written
+    to split.csv or JSON (undecodable bytes)."""
+    name = path.name
+    if name.lower() in SYSTEM_FILES:
+        return "system file ignored"
+    if name.startswith("."):
+        return "hidden folder ignored" if path.is_dir() else "hidden file ignored"
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "file name is not valid UTF-8: rename it"
+    return None
+
+
+def _not_dir_reason(path: Path) -> str | None:
+    """A reason for a symlink that leads nowhere (dangling or looping), else None."""
+    if not path.is_symlink():
+        return None
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symlink loop"
+        return f"broken symlink: {exc.strerror or exc}"
+    return None
+
+
+def _inside(path: str, folder: str) -> bool:
+    """True when real path `path` is `folder` or below it."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _walk_class(folder: Path, root_real: str, skip) -> list[tuple[Path, str]]:
+    """Files of one class folder with their view; nested folders are the no-face view.
+
+    Follows symlinked folders, but never the same real folder twice, never one that contains
+    the folder being walked (a loop) and never another class's folder (its photos would all
+    become label conflicts and be dropped from both classes), so the walk always ends.
+    """
+    out: list[tuple[Path, str]] = []
+    seen: set[str] = set()
+    class_real = os.path.realpath(folder)
+
+    def visit(directory: Path, real: str, view: str) -> None:
+        seen.add(real)
+        try:
+            entries = sorted(directory.iterdir(), key=lambda p: p.name)
+        except OSError as exc:
+            skip(directory, f"unreadable folder: {exc.strerror or exc}")
+            return
+        for path in entries:
+            reason = _name_problem(path)
+            if reason:
+                skip(path, reason)
+            elif not path.is_dir():
+                reason = _not_dir_reason(path)
+                if reason:
+                    skip(path, reason)
+                else:
+                    out.append((path, view))
+            else:
+                target = os.path.realpath(path)
+                if _inside(real, target):
+                    skip(path, "symlink loop: points to a folder that contains it")
+                elif target in seen:
+                    skip(path, "folder already scanned (reached twice through a symlink): ignored")
+                elif _inside(target, root_real) and not _inside(target, class_real):
+                    skip(path, "symlink to another class's folder: ignored")
+                else:
+                    visit(path, target, NO_FACE)
+
+    visit(folder, class_real, FACE)
+    return out
+
+
+def _inspect(path: Path, root: Path, config: ScanConfig, skip) -> dict | None:
+    """Open one file read-only; return its row, or report why it is unusable."""
+    try:
+        st = path.stat()
+    except OSError as exc:
+        skip(path, f"unreadable: {exc.strerror or exc}")
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        skip(path, "not a regular file")
+        return None
+    if st.st_size == 0:
+        skip(path, "empty file (0 bytes)")
+        return None
+    if st.st_size > MAX_FILE_BYTES:
+        skip(path, f"too large for a photo ({st.st_size / 2**20:,.0f} MiB): not read")
+        return None
+    try:
+        data = read_bytes(path)
+    except OSError as exc:
+        skip(path, f"unreadable: {exc.strerror or exc}")
+        return None
+    try:
+        img, fmt, mode = _decode(data, config.max_pixels)
+    except ValueError as exc:
+        reason = str(exc)
+        if reason.startswith("not an image") and _looks_like_image(path):
+            reason += f", though named {path.suffix}"
+        skip(path, reason)
+        return None
+    except Exception as exc:  # noqa: BLE001 - a decoder bug must not end the scan
+        skip(path, f"cannot decode: {type(exc).__name__}: {exc}")
+        return None
+    return {
+        "path": _rel(path, root),
+        "width": img.width,
+        "height": img.height,
+        "format": fmt,
+        "mode": mode,
+        "bytes": st.st_size,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "phash": phash64(img),
+    }
+
+
+def _looks_like_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Duplicates: exact copies are dropped (a label conflict drops every copy), near-duplicates are
+# kept but grouped, so that no group straddles two splits. Of exact copies the shortest path is
+# kept (then the first in order): "x.jpg" is more likely the original than "x (1).jpg" or
+# "x copy.jpg", which sort before it.
+
+
+def _find_duplicates(result: ScanResult) -> None:
+    df = result.images
+    drop: set[int] = set()
+    for digest, rows in df.groupby("sha256", sort=True):
+        if len(rows) < 2:
+            continue
+        labels = sorted(rows["label"].unique().tolist())
+        conflict = len(labels) > 1
+        paths = sorted(rows["path"].tolist(), key=lambda p: (len(p), p))
+        result.duplicates.append(
+            {"sha256": digest, "paths": paths, "labels": labels, "conflict": conflict,
+             "kept": None if conflict else paths[0]}
+        )
+        for idx, path in zip(rows.index, rows["path"]):
+            if conflict or path != paths[0]:
+                drop.add(idx)
+                reason = (f"label conflict: same content in classes {', '.join(labels)}"
+                          if conflict else f"exact duplicate of {paths[0]}")
+                result.skipped.append({"path": path, "reason": reason})
+    df = df.drop(index=sorted(drop)).reset_index(drop=True)
+
+    parent = list(range(len(df)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    hashes = df["phash"].to_numpy(dtype=np.uint64) if len(df) else np.zeros(0, np.uint64)
+    limit = result.config.near_duplicate_distance
+    for i, j, dist in _near_pairs(hashes, limit):
+        parent[find(i)] = find(j)
+        result.near_duplicates.append(
+            {"paths": [df.at[i, "path"], df.at[j, "path"]],
+             "labels": sorted({df.at[i, "label"], df.at[j, "label"]}), "distance": int(dist)}
+        )
+    roots = [find(i) for i in range(len(df))]
+    # Group ids are the smallest member's index: stable for the same files.
+    first: dict[int, int] = {}
+    for i, r in enumerate(roots):
+        first.setdefault(r, i)
+    df["group"] = [first[r] for r in roots]
+    result.images = df
+
+
+_POPCOUNT8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+
+
+def _popcount64(x: np.ndarray) -> np.ndarray:
+    """Set bits of each uint64 (np.bitwise_count needs numpy 2; the project allows 1.26)."""
+    if hasattr(np, "bitwise_count"):
+        return np.bitwise_count(x)
+    return _popcount64_table(x)
+
+
+def _popcount64_table(x: np.ndarray) -> np.ndarray:
+    return _POPCOUNT8[np.ascontiguousarray(x)[..., None].view(np.uint8)].sum(-1, dtype=np.uint8)
+
+
+def _near_pairs(hashes: np.ndarray, limit: int, chunk: int = 256):
+    """Yield (i, j, distance) with i < j for 64-bit hashes within `limit` bits.
+
+    All pairs, compared a block of rows at a time: the XOR block is chunk x n x 8 bytes, so a
+    small chunk keeps 100k images at about 200 MB.
+    """
+    n = len(hashes)
+    for start in range(0, n, chunk):
+        block = hashes[start:start + chunk]
+        dist = _popcount64(block[:, None] ^ hashes[None, :])
+        ii, jj = np.nonzero(dist <= limit)
+        for a, j in zip(ii.tolist(), jj.tolist()):
+            i = start + a
+            if i < j:
+                yield i, j, dist[a, j]
+
+
+# ---------------------------------------------------------------------------------------------
+# Split and class weights.
+
+
+def split(images: pd.DataFrame, config: SplitConfig) -> pd.DataFrame:
+    """Stratified, group-aware, seeded train/val/test assignment.
+
+    scikit-learn has no splitter that is stratified and group-aware at arbitrary fractions
+    (StratifiedGroupKFold only gives 1/k folds), so groups are dealt greedily: largest groups
+    first (ties in seeded random order), each to the split whose per-class target it helps
+    most. Every class with at least three groups gets at least one group in each split.
+    """
+    if "group" not in images:
+        raise UsageError("split() needs the 'group' column that scan() adds")
+    rng = np.random.default_rng(config.seed)
+    fractions = {"train": config.train_fraction, "val": config.val_fraction,
+                 "test": config.test_fraction}
+    labels = sorted(images["label"].unique())
+    per_label_groups = images.groupby("label")["group"].nunique()
+    target = {s: {} for s in SPLITS}
+    for label in labels:
+        n = int(per_label_groups[label])
+        val = max(1.0, n * fractions["val"]) if n >= 3 else n * fractions["val"]
+        test = max(1.0, n * fractions["test"]) if n >= 3 else n * fractions["test"]
+        target["val"][label], target["test"][label] = val, test
+        target["train"][label] = n - val - test
+    have = {s: {label: 0.0 for label in labels} for s in SPLITS}
+
+    groups = list(images.groupby("group"))
+    order = rng.permutation(len(groups))
+    groups = [groups[i] for i in order]
+    groups.sort(key=lambda g: -len(g[1]))  # stable: ties keep the seeded order
+    assignment: dict[int, str] = {}
+    for gid, rows in groups:
+        # A group counts once per label it contains, weighted by its share of that label.
+        share = rows["label"].value_counts(normalize=True)
+        def need(s: str) -> float:
+            return sum(w * (target[s][lab] - have[s][lab]) / max(target[s][lab], 1e-9)
+                       for lab, w in share.items())
+        best = max(SPLITS, key=lambda s: (need(s), s == "train"))
+        assignment[gid] = best
+        for lab, w in share.items():
+            have[best][lab] += w
+    out = images.copy()
+    out["split"] = out["group"].map(assignment)
+    return out
+
+
+def class_weights(labels, classes: list[str], method: str = "balanced") -> dict[str, float]:
+    """Per-class loss weights: scikit-learn's `balanced` (n / (k * count)) or the origin's max/count."""
+    labels = np.asarray(list(labels))
+    if method == "none":
+        return {c: 1.0 for c in classes}
+    if method == "max_over_count":
+        counts = {c: int((labels == c).sum()) for c in classes}
+        top = max(counts.values(), default=0)
+        # A class with no sample never reaches the loss; 1.0 (as for "balanced") avoids n/0.
+        return {c: top / counts[c] if counts[c] else 1.0 for c in classes}
+    from sklearn.utils.class_weight import compute_class_weight
+
+    present = [c for c in classes if (labels == c).any()]
+    weights = compute_class_weight("balanced", classes=np.array(present), y=labels)
+    out = {c: 1.0 for c in classes}
+    out.update({c: float(w) for c, w in zip(present, weights)})
+    return out
+
+
+SPLIT_COLUMNS = ["path", "label", "view", "split", "group", "sha256", "width", "height"]
+
+
+def write_split(df: pd.DataFrame, path: Path) -> None:
+    """Write split.csv atomically (temporary name, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".csv.tmp")
+    df[SPLIT_COLUMNS].sort_values(["split", "label", "path"]).to_csv(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def read_split(path: Path, data_dir: Path) -> pd.DataFrame:
+    """Read split.csv back; every listed file must still be there."""
+    try:
+        # No NA parsing: a person called "NA" or "None", or a file named "nan", stays a string.
+        df = pd.read_csv(path, dtype={"path": str, "label": str, "view": str, "split": str,
+                                      "sha256": str}, na_filter=False)
+    except Exception as exc:  # noqa: BLE001
+        raise UsageError(f"{path}: unreadable split file ({exc}); delete it to re-split") from None
+    missing = [c for c in SPLIT_COLUMNS if c not in df]
+    if missing:
+        raise UsageError(f"{path}: missing columns {', '.join(missing)}; delete it to re-split")
+    unknown = sorted(set(df["split"]) - set(SPLITS))
+    if unknown:
+        raise UsageError(f"{path}: unknown split name(s) {', '.join(map(repr, unknown))}; use "
+                         f"{', '.join(SPLITS)} or delete the file to re-split")
+    gone = [p for p in df["path"] if not (data_dir / p).is_file()]
+    if gone:
+        raise DatasetError(
+            f"{path}: {len(gone)} image(s) of the saved split are gone from {data_dir} (first: "
+            f"{gone[0]}); restore them or start a new run directory"
+        )
+    return df
+
+
+def load_or_make_split(scan_result: ScanResult, config: SplitConfig, path: Path) -> pd.DataFrame:
+    """Reuse `path` (split.csv) when present, so a resumed run trains on the same split."""
+    if path.exists():
+        df = read_split(path, scan_result.config.data_dir)
+        new = set(scan_result.images["path"]) - set(df["path"])
+        if new:
+            log.warning("%d image(s) added since %s was written are not used by this run",
+                        len(new), path)
+        return df
+    scan_result.validate()
+    df = split(scan_result.images, config)
+    write_split(df, path)
+    return df
+
+
+def split_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Images per class (rows) and split (columns)."""
+    table = df.pivot_table(index="label", columns="split", values="path", aggfunc="count",
+                           fill_value=0)
+    return table.reindex(columns=[s for s in SPLITS if s in table.columns])
+
+
+def format_scan_report(result: ScanResult, max_rows: int = 200) -> str:
+    """The human report of `personclf-tune data`: counts, imbalance, weights, problems."""
+    from tabulate import tabulate
+
+    summary = result.summary()
+    counts = summary["classes"]
+    weights = summary["class_weights"]
+    table = [[label, c[FACE], c[NO_FACE], c[FACE] + c[NO_FACE], f"{weights.get(label, 0):.3f}"]
+             for label, c in counts.items()]
+    lines = [f"Dataset {result.config.data_dir} (no-face policy: {result.config.no_face_policy})",
+             tabulate(table, headers=["class", "face", "no_face", "total", "class weight"],
+                      tablefmt="github"),
+             ""]
+    total = int(len(result.images))
+    ratio = summary["imbalance_ratio"]
+    lines.append(f"{total} usable images in {len(counts)} classes; imbalance ratio "
+                 f"{ratio:.1f} (largest/smallest)" if ratio else f"{total} usable images")
+    if result.excluded_no_face:
+        lines.append(f"{result.excluded_no_face} no-face images left out (--no-face-policy skip)")
+    if result.config.unknown_name not in counts:
+        lines.append(f"note: no {result.config.unknown_name}/ folder: the model will not learn to "
+                     "say 'unknown' except through its threshold")
+    if result.skipped:
+        lines += ["", f"Skipped files ({len(result.skipped)}):",
+                  tabulate([[s["path"], s["reason"]] for s in result.skipped[:max_rows]],
+                           headers=["path", "reason"], tablefmt="github")]
+        if len(result.skipped) > max_rows:
+            lines.append(f"... and {len(result.skipped) - max_rows} more (see --json)")
+    conflicts = [d for d in result.duplicates if d["conflict"]]
+    if result.duplicates:
+        lines.append(f"\nExact duplicates: {len(result.duplicates)} groups "
+                     f"({len(conflicts)} label conflicts, every copy dropped)")
+        for d in conflicts[:max_rows]:
+            lines.append(f"  conflict {', '.join(d['labels'])}: {', '.join(d['paths'])}")
+    if result.near_duplicates:
+        lines.append(f"\nNear-duplicates (kept, never split apart): {len(result.near_duplicates)} pairs")
+        for d in result.near_duplicates[:20]:
+            lines.append(f"  {d['paths'][0]} ~ {d['paths'][1]} (distance {d['distance']})")
+        if len(result.near_duplicates) > 20:
+            lines.append(f"  ... and {len(result.near_duplicates) - 20} more (see --json)")
+    return "\n".join(lines)
+
+
+def write_json(obj: dict, path: Path) -> None:
+    """Write JSON atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
+    os.replace(tmp, path)
+
+
+def _json_default(obj):
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

@@ -1,0 +1,215 @@
+"""One trial: stage 1 trains the head on the frozen backbone, stage 2 fine-tunes above the freeze depth.
+
+Validation metrics are computed once per epoch by `ValidationMetrics` (loss, accuracy,
+balanced accuracy, macro F1) and reported as one sequence of steps across both stages, so a
+search driver can prune on them. Early stopping watches the objective in each stage and the
+trial keeps the best weights of either stage.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import keras
+import numpy as np
+import pandas as pd
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
+
+from . import backbones
+from .config import FitConfig, TrialParams
+from .data import class_weights
+from .hypermodel import base_of
+from .pipeline import ImageCache, SplitArrays, make_dataset, split_arrays
+
+log = logging.getLogger(__name__)
+
+OBJECTIVES = ("val_balanced_accuracy", "val_accuracy", "val_macro_f1")
+
+
+class Reporter(Protocol):
+    """Receives each epoch's validation metrics; may raise (e.g. optuna.TrialPruned) to stop."""
+
+    def report(self, step: int, metrics: dict[str, float]) -> None: ...
+
+
+@dataclass
+class TrialData:
+    """What every trial shares and no hyperparameter changes: split, classes, decoded images."""
+
+    split: pd.DataFrame
+    classes: list[str]
+    cache: ImageCache
+    class_weight_method: str = "balanced"
+
+    def arrays(self, which: str, size: int) -> SplitArrays:
+        return split_arrays(self.split, self.classes, self.cache, size, which)
+
+    def class_weight(self) -> dict[int, float] | None:
+        train = self.split[self.split["split"] == "train"]["label"]
+        weights = class_weights(train, self.classes, self.class_weight_method)
+        return {i: weights[c] for i, c in enumerate(self.classes)}
+
+
+def score(y_true: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """Accuracy, balanced accuracy and macro F1 of class probabilities against indices."""
+    pred = probs.argmax(axis=1)
+    labels = np.unique(np.concatenate([y_true, pred]))
+    return {
+        "accuracy": float(accuracy_score(y_true, pred)),
+        "balanced_accuracy": float(balanced_accuracy_score(y_true, pred)),
+        "macro_f1": float(f1_score(y_true, pred, labels=labels, average="macro", zero_division=0)),
+    }
+
+
+class ValidationMetrics(keras.callbacks.Callback):
+    """Adds val_loss/val_accuracy/val_balanced_accuracy/val_macro_f1 to each epoch's logs.
+
+    One prediction pass over the validation set per epoch (Keras's own validation is not
+    used), so early stopping, the search objective and pruning all see the same numbers.
+    """
+
+    def __init__(self, val_ds, y_val: np.ndarray, num_classes: int,
+                 on_step: Callable[[int, dict[str, float]], None] | None = None):
+        super().__init__()
+        self.val_ds = val_ds
+        self.y_val = y_val
+        self.num_classes = num_classes
+        self.on_step = on_step
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs if logs is not None else {}
+        probs = self.model.predict(self.val_ds, verbose=0)
+        onehot = np.eye(self.num_classes, dtype=np.float32)[self.y_val]
+        loss = float(keras.losses.categorical_crossentropy(onehot, probs).numpy().mean())
+        logs["val_loss"] = loss
+        logs.update({f"val_{k}": v for k, v in score(self.y_val, probs).items()})
+        if self.on_step is not None:
+            self.on_step(epoch, dict(logs))
+
+
+class _Relay(keras.callbacks.Callback):
+    """Passes epoch logs to callbacks that live outside this fit (e.g. KerasTuner's)."""
+
+    def __init__(self, callbacks):
+        super().__init__()
+        self.callbacks = list(callbacks or [])
+
+    def set_model(self, model):
+        super().set_model(model)
+        for cb in self.callbacks:
+            cb.set_model(model)
+
+    def on_epoch_end(self, epoch, logs=None):
+        for cb in self.callbacks:
+            cb.on_epoch_end(epoch, logs)
+
+
+@dataclass
+class TrialResult:
+    """Everything the search records about one trial."""
+
+    params: TrialParams
+    objective: str
+    history: list[dict] = field(default_factory=list)  # one dict per step, both stages
+    stage1_best: float = float("nan")
+    stage2_best: float = float("nan")
+    epochs_stage1: int = 0
+    epochs_stage2: int = 0
+    best_stage: int = 1
+    seconds: float = 0.0
+    trainable_params: int = 0
+    total_params: int = 0
+
+    @property
+    def best(self) -> dict[str, float]:
+        """The validation metrics of the best step (the weights the trial kept)."""
+        steps = [h for h in self.history if self.objective in h]
+        return max(steps, key=lambda h: h[self.objective]) if steps else {}
+
+    def metrics(self) -> dict[str, float]:
+        best = self.best
+        out = {k: float(v) for k, v in best.items() if k.startswith("val_")}
+        out.update(stage1_best=self.stage1_best, stage2_best=self.stage2_best,
+                   epochs_stage1=self.epochs_stage1, epochs_stage2=self.epochs_stage2,
+                   seconds=self.seconds, params=self.total_params)
+        return out
+
+
+def compile_model(model: keras.Model, learning_rate: float, params: TrialParams,
+                  cfg: FitConfig) -> None:
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=params.label_smoothing),
+        metrics=["accuracy"],
+        jit_compile=cfg.jit_compile,
+    )
+
+
+def run_two_stages(model: keras.Model, params: TrialParams, data: TrialData, cfg: FitConfig,
+                   reporter: Reporter | None = None, extra_callbacks=None) -> TrialResult:
+    """Fit stage 1 (head only) then stage 2 (above the freeze depth); keep the best weights."""
+    start = time.perf_counter()
+    keras.utils.set_random_seed(cfg.seed)
+    size, k = params.input_size, len(data.classes)
+    train, val = data.arrays("train", size), data.arrays("val", size)
+    train_ds = make_dataset(train, k, params.batch_size, training=True,
+                            class_weight=data.class_weight(), augment_strength=params.augment,
+                            seed=cfg.seed)
+    val_ds = make_dataset(val, k, max(params.batch_size, 64), training=False)
+    result = TrialResult(params=params, objective=cfg.objective)
+
+    def on_step(epoch: int, logs: dict[str, float]) -> None:
+        # Stage 2 starts at a fixed offset, so step k means the same epoch in every trial and
+        # a pruner compares like with like even when stage 1 stopped early.
+        step = epoch if stage == 1 else cfg.max_epochs_stage1 + epoch
+        entry = {"step": step, "stage": stage, **{k_: float(v) for k_, v in logs.items()}}
+        result.history.append(entry)
+        if reporter is not None:
+            reporter.report(step, entry)
+
+    def fit_stage(epochs: int) -> int:
+        early = keras.callbacks.EarlyStopping(monitor=cfg.objective, mode="max",
+                                              patience=cfg.patience, restore_best_weights=True)
+        callbacks = [ValidationMetrics(val_ds, val.y, k, on_step), early,
+                     _Relay(extra_callbacks)]
+        history = model.fit(train_ds, epochs=epochs, callbacks=callbacks, verbose=cfg.verbose,
+                            shuffle=False)  # the dataset shuffles itself
+        return len(history.history.get("loss", []))
+
+    base = base_of(model)
+    base.trainable = False
+    stage = 1
+    compile_model(model, params.lr_stage1, params, cfg)
+    result.epochs_stage1 = fit_stage(cfg.max_epochs_stage1)
+    result.stage1_best = _best(result.history, cfg.objective, stage=1)
+
+    if cfg.max_epochs_stage2 > 0:
+        stage1_weights = model.get_weights()
+        stage = 2
+        spec = backbones.get(params.backbone)
+        backbones.set_freeze(base, spec, params.freeze_block)
+        compile_model(model, params.lr_stage2, params, cfg)
+        result.epochs_stage2 = fit_stage(cfg.max_epochs_stage2)
+        result.stage2_best = _best(result.history, cfg.objective, stage=2)
+        if not result.stage2_best > result.stage1_best:
+            model.set_weights(stage1_weights)  # stage 2 never beat stage 1: keep stage 1
+        else:
+            result.best_stage = 2
+    result.trainable_params = int(sum(np.prod(w.shape) for w in model.trainable_weights))
+    result.total_params = int(model.count_params())
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _best(history: list[dict], objective: str, stage: int) -> float:
+    values = [h[objective] for h in history if h["stage"] == stage and objective in h]
+    return max(values) if values else float("nan")
+
+
+def release() -> None:
+    """Free a finished trial's graph and memory so a long search stays flat."""
+    keras.backend.clear_session(free_memory=True)
+    gc.collect()
