@@ -9,13 +9,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
 from . import __version__
 from .errors import TunerError, UsageError
 
-COMMANDS = ("search", "data", "report", "evaluate")
+COMMANDS = ("search", "data", "report", "evaluate", "export", "predict", "promote", "rollback")
 
 
 def _add_scan_flags(p: argparse.ArgumentParser) -> None:
@@ -68,7 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=("val_balanced_accuracy", "val_accuracy", "val_macro_f1"))
     p.add_argument("--no-pruning", action="store_true", help="never stop a trial early")
     p.add_argument("--no-retrain", action="store_true",
-                   help="skip retraining and testing the best trial")
+                   help="skip retraining and testing the best trial (and its export)")
+    p.add_argument("--no-export", action="store_true",
+                   help="skip exporting the best model (run `personclf-tune export RUN` later)")
+    p.add_argument("--workers", type=int, default=1, metavar="K",
+                   help="run K worker processes on this machine against one study "
+                        "(one GPU each, round-robin, when GPUs are visible)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     _add_training_flags(p)
     _add_scan_flags(p)
     p.add_argument("--val-fraction", type=float, default=0.16)
@@ -77,8 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="regenerate and print the tables and plots of a run")
     p.add_argument("run_dir", type=Path, nargs="?", default=None, metavar="RUN")
-    p.add_argument("--storage", metavar="URL", help="read the study from this storage")
+    p.add_argument("--storage", metavar="URL",
+                   help="read the study from this storage (from any machine; no RUN needed)")
     p.add_argument("--study-name", metavar="NAME")
+    p.add_argument("--output", type=Path, metavar="DIR",
+                   help="where to write the tables and plots (default: RUN, or "
+                        "results/<study name> with --storage alone)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("evaluate", help="run a saved model on a folder dataset and report it")
@@ -87,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-face-policy", choices=("member", "unknown", "skip"), default="member")
     p.add_argument("--json", type=Path, metavar="FILE")
     p.set_defaults(func=cmd_evaluate)
+
+    from . import deploy, export
+
+    export.add_cli(sub)   # export RUN
+    deploy.add_cli(sub)   # predict, promote, rollback
     return parser
 
 
@@ -149,16 +165,20 @@ def search_config(args: argparse.Namespace):
         space=resolve_space(args.space),
         backbones=tuple(b.strip() for b in args.backbones.split(",") if b.strip()),
         engine=args.engine, storage=args.storage, study_name=args.study_name,
-        pruning=not args.no_pruning, retrain_best=not args.no_retrain, scan=scan_cfg,
+        pruning=not args.no_pruning, retrain_best=not args.no_retrain,
+        workers=args.workers, scan=scan_cfg,
         split=SplitConfig(args.val_fraction, args.test_fraction, args.seed), fit=fit)
 
 
 def cmd_search(args: argparse.Namespace) -> int:
     from .report import summary_text
-    from .search import run_search
+    from .search import run_search, run_with_local_workers
 
     config = search_config(args)
-    print(f"run directory: {config.run_dir}  (rerun the same command to resume)")
+    if args.worker:
+        print(f"worker {os.getpid()} on {config.run_dir}", flush=True)
+    else:
+        print(f"run directory: {config.run_dir}  (rerun the same command to resume)")
     bar = _trial_bar(config.trials)
 
     def on_trial(row: dict) -> None:
@@ -170,9 +190,14 @@ def cmd_search(args: argparse.Namespace) -> int:
         bar.update(1 if row["state"] in ("COMPLETE", "PRUNED") else 0)
 
     try:
-        outcome = run_search(config, on_trial=on_trial)
+        if config.workers > 1 and not args.worker:
+            outcome = run_with_local_workers(config, _worker_argv(args.argv, config.run_dir))
+        else:
+            outcome = run_search(config, on_trial=on_trial, worker=args.worker)
     finally:
         bar.close()
+    if args.worker:
+        return 0
     print()
     print(summary_text(outcome.trials, config.fit.objective))
     if outcome.evaluation is not None:
@@ -180,8 +205,32 @@ def cmd_search(args: argparse.Namespace) -> int:
 
         print(f"\nBest trial retrained, test split ({outcome.best_dir}):")
         print(format_evaluation(outcome.evaluation))
+        if not args.no_export:
+            from .export import export_run
+
+            result = export_run(config.run_dir)
+            print(f"\nExported to {result.out_dir}:")
+            print(result.table())
+            for line in result.failures:
+                print(f"warning: {line}")
     print(f"\nresults in {config.run_dir}")
     return 0
+
+
+def _worker_argv(argv: list[str], run_dir: Path) -> list[str]:
+    """The search flags for a local worker: the same, minus --workers, with an explicit --output."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg == "--workers" or arg == "--output":
+            skip = True
+            continue
+        if arg.startswith(("--workers=", "--output=")):
+            continue
+        out.append(arg)
+    return out + ["--output", str(run_dir)]
 
 
 def _trial_bar(total: int):
@@ -197,11 +246,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     if args.run_dir is None and args.storage is None:
         raise UsageError("report: give a run directory or --storage URL --study-name NAME")
-    run_dir = args.run_dir or Path(".")
-    engine, objective, study, trials = load_state(run_dir, args.storage, args.study_name)
-    files = write_results(trials, run_dir, objective, study=study)
+    engine, objective, study, trials = load_state(args.run_dir, args.storage, args.study_name)
+    out_dir = args.output or args.run_dir
+    if out_dir is None:  # --storage alone: never litter the working directory
+        name = study.study_name if study is not None else "personclf"
+        out_dir = Path("results") / re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+    files = write_results(trials, out_dir, objective, study=study)
     print(summary_text(trials, objective))
-    best = run_dir / "best" / "test_report.txt"
+    best = (args.run_dir or out_dir) / "best" / "test_report.txt"
     if best.is_file():
         print("\nBest trial retrained, test split:\n" + best.read_text())
     print("\nwrote " + ", ".join(str(p) for p in files.values()))
@@ -247,14 +299,17 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # `personclf-tune --trials 40` means `personclf-tune search --trials 40`, like the origin.
-    if argv and argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version") \
-            and not argv[0].startswith("-v"):
-        argv.insert(0, "search")
-    elif not argv:
-        argv = ["search"]
+    # `personclf-tune --trials 40` means `personclf-tune search --trials 40`, like the origin;
+    # so does `personclf-tune -v --trials 40` (global -v/--verbose flags come first).
+    first = 0
+    while first < len(argv) and re.fullmatch(r"-v+|--verbose", argv[first]):
+        first += 1
+    if first == len(argv) or (argv[first] not in COMMANDS
+                              and argv[first] not in ("-h", "--help", "--version")):
+        argv.insert(first, "search")
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = argv[argv.index(args.command) + 1:] if args.command in argv else []
     logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2),
                         format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:

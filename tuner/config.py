@@ -153,6 +153,10 @@ class SearchConfig:
     pruning: bool = True
     retrain_best: bool = True
     workers: int = 1
+    # Reuse work across trials: decoded images and stage-1 backbone features are computed once
+    # (see tuner.features). False is the naive loop, kept for the speed benchmark.
+    fast: bool = True
+    feature_views: int = 4
     scan: ScanConfig | None = None
     split: SplitConfig = field(default_factory=SplitConfig)
     fit: FitConfig = field(default_factory=FitConfig)
@@ -174,8 +178,14 @@ class SearchConfig:
             raise UsageError("--storage only applies to --engine optuna")
 
     def identity(self) -> dict:
-        """The settings a resumed run must share with the original (not the trial count)."""
+        """The settings a resumed run must share with the original (not the trial count).
+
+        Paths are absolute, so the same run resumes from any working directory.
+        """
         d = asdict(self)
+        d["data_dir"] = str(self.data_dir.resolve())
+        d["space"] = str(self.space.resolve())
+        d["scan"]["data_dir"] = d["data_dir"]
         for key in ("trials", "workers", "retrain_best", "run_dir"):
             d.pop(key)
         d["fit"].pop("verbose")

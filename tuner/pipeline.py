@@ -59,10 +59,12 @@ class ImageCache:
     Shared by every trial of a search: a trial at a size seen before decodes nothing.
     """
 
-    def __init__(self, data_dir: Path, cache_dir: Path | None = None, max_memory_mb: int = 4096):
+    def __init__(self, data_dir: Path, cache_dir: Path | None = None, max_memory_mb: int = 4096,
+                 enabled: bool = True):
         self.data_dir = Path(data_dir)
-        self.cache_dir = Path(cache_dir) if cache_dir else None
-        self.max_memory_mb = max_memory_mb
+        self.cache_dir = Path(cache_dir) if cache_dir and enabled else None
+        # enabled=False decodes on every call: the naive baseline of the speed benchmark.
+        self.max_memory_mb = max_memory_mb if enabled else 0
         self._memory: dict[tuple[str, int], np.ndarray] = {}
         self.decoded = 0  # images decoded so far (tests and the benchmark read it)
 
@@ -157,7 +159,7 @@ def augmentation(strength: float, seed: int | None = None):
 
 def make_dataset(arrays: SplitArrays, num_classes: int, batch_size: int, *, training: bool,
                  class_weight: dict[int, float] | None = None, augment_strength: float = 0.0,
-                 seed: int = 0):
+                 seed: int = 0, shuffle: bool | None = None):
     """A tf.data pipeline of (float32 pixels 0..255, one-hot labels[, sample weights]).
 
     One-hot labels let the loss apply label smoothing; class weights become per-sample weights
@@ -172,7 +174,7 @@ def make_dataset(arrays: SplitArrays, num_classes: int, batch_size: int, *, trai
         w = np.array([class_weight[int(c)] for c in arrays.y], dtype=np.float32)
         tensors = (x, y, w)
     ds = tf.data.Dataset.from_tensor_slices(tensors)
-    if training:
+    if training if shuffle is None else shuffle:
         ds = ds.shuffle(max(len(x), 1), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size)
 
@@ -185,5 +187,8 @@ def make_dataset(arrays: SplitArrays, num_classes: int, batch_size: int, *, trai
         def augment(*t):
             return (tf.clip_by_value(aug(t[0], training=True), 0.0, 255.0),) + tuple(t[1:])
 
-        ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+        # Serial on purpose: Keras's random layers draw from a stateful seed generator, and
+        # parallel calls would take the draws in thread order, so one seed would not repeat a
+        # trial. A batch is one vectorised op per layer; prefetch still overlaps it.
+        ds = ds.map(augment)
     return ds.prefetch(tf.data.AUTOTUNE)

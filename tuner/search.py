@@ -8,15 +8,21 @@ until N trials are finished; a trial cut off by a crash or kill is marked failed
 """
 from __future__ import annotations
 
+import contextlib
+import datetime
 import fcntl
 import json
 import logging
 import math
+import inspect
 import os
+import random
 import re
 import socket
+import threading
 import time
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -34,6 +40,11 @@ log = logging.getLogger(__name__)
 FINISHED = ("COMPLETE", "PRUNED")
 STUDY_JOURNAL = "study.journal"
 MAX_RETRIES = 2
+WAIT_SECONDS = 2.0  # poll interval while other workers hold the last trials
+ORPHAN_SECONDS = 300  # a RUNNING trial this old with no worker recorded is failed
+HEARTBEAT_INTERVAL = 10  # seconds between a running trial's heartbeats (RDB storages)
+GRACE_PERIOD = 30  # a RUNNING trial this long without a heartbeat is failed and retried
+OPEN_ATTEMPTS = 8  # tries to open a storage or study while other workers create it
 
 
 @dataclass
@@ -66,13 +77,20 @@ def prepare(config: SearchConfig) -> Run:
 
     root = config.run_dir
     root.mkdir(parents=True, exist_ok=True)
-    _check_config(config, root / "config.json")
+    # Validate the space before config.json is written: a refused start must leave no config
+    # behind, or the corrected command would be refused as "different settings".
     space = load_space(config.space, list(config.backbones) or None)
+    _check_config(config, root / "config.json")
     scanned = scan(config.scan)
     split_df = load_or_make_split(scanned, config.split, root / "split.csv")
     classes = sorted(split_df["label"].unique().tolist())
-    cache = ImageCache(config.data_dir, root / "cache")
-    data = TrialData(split_df, classes, cache, config.fit.class_weight)
+    cache = ImageCache(config.data_dir, root / "cache", enabled=config.fast)
+    features = None
+    if config.fast:
+        from .features import FeatureCache
+
+        features = FeatureCache(root / "cache", views=config.feature_views)
+    data = TrialData(split_df, classes, cache, config.fit.class_weight, features)
     return Run(config, space, data)
 
 
@@ -81,8 +99,8 @@ def _check_config(config: SearchConfig, path: Path) -> None:
     current = config.identity()
     if path.exists():
         saved = json.loads(path.read_text())
-        changed = sorted(k for k in set(saved) | set(current)
-                         if k != "version" and saved.get(k) != current.get(k))
+        saved.pop("version", None)
+        changed = _changed(saved, current)
         if changed:
             raise UsageError(
                 f"{config.run_dir} was started with different settings ({', '.join(changed)}); "
@@ -90,6 +108,18 @@ def _check_config(config: SearchConfig, path: Path) -> None:
             )
         return
     write_json({**current, "version": 1}, path)
+
+
+def _changed(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """Dotted names of the settings that differ ("fit.seed", "space"), sorted."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changed(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,62 +130,190 @@ def storage_url(config: SearchConfig) -> str:
     return config.storage or f"journal:{config.run_dir / STUDY_JOURNAL}"
 
 
-def open_storage(url: str):
+def open_storage(url: str, heartbeat_interval: int | None = None,
+                 grace_period: int | None = None):
     """A journal file (`journal:PATH`, safe for many local processes) or an RDB URL.
 
-    RDB storages get heartbeats, so a trial whose worker died is failed and retried by any
-    other worker; journal files are local, where dead workers are found by process id.
+    RDB storages get heartbeats: a RUNNING trial whose worker has not beaten for `grace_period`
+    seconds (default 30, or $PERSONCLF_GRACE_PERIOD; beats every 10 s, or
+    $PERSONCLF_HEARTBEAT_INTERVAL) is failed by whichever worker looks next and its parameters
+    are queued again, whatever machine it ran on. Journal files are local, where a dead worker
+    is found by its process id at once (`fail_dead_trials`).
+
+    Workers started together on a new database all create Optuna's tables; the losers of that
+    race get "duplicate key" or "already exists" errors, so opening is retried a few times.
     """
     import optuna
-    from optuna.storages import JournalStorage, RDBStorage, RetryFailedTrialCallback
+    from optuna.storages import JournalStorage, RDBStorage
     from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
     if url.startswith("journal:"):
         path = url[len("journal:"):]
         return JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
+    kwargs = {
+        "heartbeat_interval": heartbeat_interval or _env_seconds("PERSONCLF_HEARTBEAT_INTERVAL",
+                                                                 HEARTBEAT_INTERVAL),
+        "grace_period": grace_period or _env_seconds("PERSONCLF_GRACE_PERIOD", GRACE_PERIOD),
+    }
+    # Optuna 4.9 renamed the callback argument; older versions only know the first name.
+    callback = ("heartbeat_stale_trial_callback"
+                if "heartbeat_stale_trial_callback" in inspect.signature(RDBStorage).parameters
+                else "failed_trial_callback")
+    kwargs[callback] = _retry_stale_trial
+    driver_url = _driver_url(url)
     try:
-        return RDBStorage(url, heartbeat_interval=10, grace_period=30,
-                          failed_trial_callback=RetryFailedTrialCallback(max_retry=MAX_RETRIES))
-    except (ImportError, ModuleNotFoundError) as exc:
-        raise UsageError(f"--storage {url}: driver missing ({exc}); pip install "
-                         "'personclf-tune[postgres]'") from None
-    except Exception as exc:  # noqa: BLE001 - sqlalchemy raises many kinds
-        raise UsageError(f"--storage {url}: cannot open ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0]})") from None
+        for attempt in range(OPEN_ATTEMPTS):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    return RDBStorage(driver_url, **kwargs)
+            except (ImportError, ModuleNotFoundError) as exc:
+                raise UsageError(f"--storage {url}: driver missing ({exc}); pip install "
+                                 "'personclf-tune[postgres]'") from None
+            except Exception as exc:  # noqa: BLE001 - sqlalchemy raises many kinds
+                if attempt + 1 < OPEN_ATTEMPTS and _creation_race(exc):
+                    log.info("--storage: another worker is creating the tables (%s); retrying",
+                             type(exc).__name__)
+                    time.sleep(random.uniform(0.1, 0.5 + attempt))
+                    continue
+                raise UsageError(f"--storage {url}: cannot open ({type(exc).__name__}: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
     finally:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+    raise AssertionError("unreachable")
+
+
+def _env_seconds(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    if not value:
+        return default
+    try:
+        seconds = int(value)
+    except ValueError:
+        seconds = 0
+    if seconds < 1:
+        raise UsageError(f"${name}={value!r}: must be a whole number of seconds >= 1")
+    return seconds
+
+
+def _driver_url(url: str) -> str:
+    """`postgresql://` (or `postgres://`) with the PostgreSQL driver that is installed.
+
+    SQLAlchemy 2.0 reads a bare `postgresql://` as psycopg2, 2.1 as psycopg 3: name the one
+    present, so the same URL works with either (and in optuna-dashboard, spelled the same way).
+    """
+    import importlib.util
+
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("postgresql", "postgres"):
+        return url
+    for module, dialect in (("psycopg2", "postgresql+psycopg2"), ("psycopg", "postgresql+psycopg")):
+        if importlib.util.find_spec(module) is not None:
+            return f"{dialect}://{rest}"
+    return url
+
+
+def _creation_race(exc: BaseException) -> bool:
+    """An error that another process creating the same tables or study at once can cause."""
+    seen = 0
+    while exc is not None and seen < 5:
+        text = f"{type(exc).__name__}: {exc}".lower()
+        if any(s in text for s in ("integrityerror", "uniqueviolation", "duplicate",
+                                   "already exists", "database is locked", "deadlock")):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+def _retry_stale_trial(study, trial) -> None:
+    """Optuna's heartbeat callback: a trial failed for silence is queued again, like a dead pid."""
+    log.warning("trial %d: no heartbeat within the grace period; marked failed", trial.number)
+    requeue(study, trial.number, trial.params, int(trial.system_attrs.get("retries", 0)))
 
 
 def open_study(config: SearchConfig, space: SearchSpace | None = None):
-    """Create or load the study; several workers starting at once must not race."""
+    """Create or load the study; several workers starting at once must not race.
+
+    Exactly one process creates the study (the storage refuses a second study of that name;
+    the others load it), and only that one queues the baseline trial, so workers started
+    together never queue it twice. The objective is recorded in the study (its metric name),
+    so `report --storage` knows it on any machine, and so does optuna-dashboard.
+    """
     import optuna
+    from optuna.exceptions import DuplicatedStudyError
+    from optuna.study import StudyDirection
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = open_storage(storage_url(config))
+    url = storage_url(config)
+    storage = open_storage(url)
     name = config.study_name or "personclf"
-    with warnings.catch_warnings():
-        # multivariate+group TPE models the conditional (per-backbone) space jointly.
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        sampler = optuna.samplers.TPESampler(seed=config.fit.seed, multivariate=True,
-                                             group=True, constant_liar=True)
+    sampler = _sampler(config.fit.seed)
     pruner = (optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=1)
               if config.pruning else optuna.pruners.NopPruner())
-    for attempt in range(5):
+    created = False
+    for attempt in range(OPEN_ATTEMPTS):
         try:
-            study = optuna.create_study(study_name=name, storage=storage, sampler=sampler,
-                                        pruner=pruner, direction="maximize",
-                                        load_if_exists=True)
+            try:
+                study = optuna.create_study(study_name=name, storage=storage, sampler=sampler,
+                                            pruner=pruner, direction="maximize")
+                created = True
+            except DuplicatedStudyError:  # another worker (or an earlier run) created it
+                study = optuna.load_study(study_name=name, storage=storage, sampler=sampler,
+                                          pruner=pruner)
             break
-        except Exception as exc:  # noqa: BLE001 - a concurrent creator won: load theirs
-            if attempt == 4:
-                raise TunerError(f"cannot create or load study {name!r}: {exc}") from None
-            time.sleep(0.5 + attempt)
-    if space is not None and not study.trials:
+        except Exception as exc:  # noqa: BLE001 - a storage hiccup while others write
+            if attempt + 1 == OPEN_ATTEMPTS:
+                raise TunerError(f"cannot create or load study {name!r} in {url}: "
+                                 f"{type(exc).__name__}: {exc}") from None
+            time.sleep(random.uniform(0.2, 0.5 + attempt))
+    if study.directions != [StudyDirection.MAXIMIZE]:
+        raise UsageError(f"--study-name {name}: that study in {url} was not made by "
+                         "personclf-tune (its direction is not maximize); use another name")
+    if created:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([config.fit.objective])
+    existing = len(study.get_trials(deepcopy=False))
+    offset = worker_seed_offset(config)
+    if offset:
+        study.sampler = _sampler(config.fit.seed + existing + offset)
+    elif existing:
+        # A sampler seeded as in the first process would replay that process's draws (the
+        # random start-up trials above all): a resumed run, or a second worker, would repeat
+        # trials already run. Seed from the study's progress instead: still reproducible.
+        study.sampler = _sampler(config.fit.seed + existing)
+    if space is not None and created:
         from .space import default_values
 
         # The first trial is the origin's hand-tuned configuration: a baseline to beat.
         study.enqueue_trial(default_values(space), skip_if_exists=True)
     return study
+
+
+def worker_seed_offset(config: SearchConfig) -> int:
+    """Workers that start together on one study must not draw the same start-up trials.
+
+    Local workers (`--workers K`) are numbered; with a shared `--storage`, other machines run
+    workers with the same numbers, so host and process tell them apart. A single worker on its
+    own journal keeps the plain, reproducible seed.
+    """
+    index = os.environ.get("PERSONCLF_WORKER")
+    if config.storage:
+        key = f"{socket.gethostname()}:{os.getpid()}:{index}"
+        return 1 + zlib.crc32(key.encode()) % 1_000_000
+    if index is not None:
+        return 1000 * (int(index) + 1)
+    return 0
+
+
+def _sampler(seed: int):
+    import optuna
+
+    with warnings.catch_warnings():
+        # multivariate+group TPE models the conditional (per-backbone) space jointly.
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
+                                          constant_liar=True)
 
 
 class OptunaReporter:
@@ -177,47 +335,125 @@ class OptunaReporter:
             raise optuna.TrialPruned(f"pruned at step {step} ({self.objective}={value:.4f})")
 
 
-def _alive(host: str, pid: int) -> bool:
+def _alive(host: str, pid: int, namespace: str | None = None, heartbeats: bool = False) -> bool:
+    """Whether the worker `host`:`pid` may still be running its trial (True when unsure).
+
+    Only a process on this machine, in this boot and process-id namespace, can be judged by its
+    id (`namespace` is the worker's `process_namespace()`, where recorded). A worker on another
+    machine, or in another container of this one, is judged by heartbeats. Same host name but
+    another boot means this machine restarted since, unless heartbeats exist to decide: then it
+    may be another machine of the same name.
+    """
+    from .workers import pid_alive, process_namespace
+
     if host != socket.gethostname():
         return True  # not ours to judge: heartbeats cover other machines
+    if namespace:
+        boot, _, pidns = namespace.partition("/")
+        my_boot, _, my_pidns = process_namespace().partition("/")
+        if boot and my_boot and boot != my_boot:
+            return heartbeats
+        if pidns and my_pidns and pidns != my_pidns:
+            return True
+    return pid_alive(pid)
+
+
+def _stale_trial_ids(study) -> set[int]:
+    """Trial ids whose heartbeat is older than the grace period (empty without heartbeats)."""
+    storage = study._storage
+    interval = getattr(storage, "get_heartbeat_interval", lambda: None)()
+    if not interval or not hasattr(storage, "_get_stale_trial_ids"):
+        return set()
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        return set(storage._get_stale_trial_ids(study._study_id))
+    except Exception as exc:  # noqa: BLE001 - the next look will do
+        log.warning("could not read heartbeats: %s", exc)
+        return set()
 
 
 def fail_dead_trials(study) -> list[int]:
-    """Mark RUNNING trials whose worker process on this host is gone as FAIL, and requeue them.
+    """Mark RUNNING trials whose worker is gone as FAIL, and requeue their parameters.
 
-    Heartbeats do this for RDB storages; a journal file has none, but its workers are local,
-    so a dead process id is proof enough and nobody has to wait out a grace period.
+    Heartbeats do this for RDB storages (each trial records them, see `_heartbeat`); a journal
+    file has none, but its workers are local, so a dead process id is proof enough and nobody
+    has to wait out a grace period. A RUNNING trial with no worker recorded at all (its process
+    died between asking for it and saying who it is) is failed once it is `ORPHAN_SECONDS` old:
+    otherwise it would hold its slot forever and the run would end a trial short.
     """
     import optuna
     from optuna.trial import TrialState
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)  # no-op without heartbeats
+    storage = study._storage
+    stale = _stale_trial_ids(study)
+    heartbeats = bool(getattr(storage, "get_heartbeat_interval", lambda: None)())
     failed = []
+    now = datetime.datetime.now()  # Optuna's datetime_start is naive local time too
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         host, pid = t.system_attrs.get("worker_host"), t.system_attrs.get("worker_pid")
-        if host is None or pid is None or _alive(host, int(pid)):
+        if t._trial_id in stale:
+            grace = getattr(getattr(storage, "_backend", storage), "grace_period", None)
+            reason = (f"no heartbeat for over {grace} s (worker {host}:{pid} died, hung or lost "
+                      "the database)")
+        elif host is None or pid is None:
+            started = t.datetime_start
+            if started is None or (now - started).total_seconds() < ORPHAN_SECONDS:
+                continue  # its worker is probably writing its name right now
+            reason = "no worker recorded (it died as the trial started)"
+        elif _alive(host, int(pid), t.system_attrs.get("worker_ns"), heartbeats):
             continue
-        study._storage.set_trial_system_attr(t._trial_id, "fail_reason",
-                                             f"worker {host}:{pid} died")
+        else:
+            reason = f"worker {host}:{pid} died"
         try:
+            study._storage.set_trial_system_attr(t._trial_id, "fail_reason", reason)
             study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
-        except Exception:  # noqa: BLE001 - another worker finished it first
+        except Exception:  # noqa: BLE001 - another worker finished or failed it first
             continue
         failed.append(t.number)
-        retries = int(t.system_attrs.get("retries", 0))
-        if retries < MAX_RETRIES:
-            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number,
-                                                      "retries": retries + 1})
+        log.warning("trial %d: %s; marked failed", t.number, reason)
+        requeue(study, t.number, t.params, int(t.system_attrs.get("retries", 0)))
+    with warnings.catch_warnings():
+        # Optuna's own pass: trials that went stale since (its callback requeues them too).
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # no-op without heartbeats
     return failed
+
+
+def requeue(study, number: int, params: dict, retries: int) -> None:
+    """Queue a cut-off trial's parameters again (its slot is retried), up to MAX_RETRIES."""
+    if retries < MAX_RETRIES and params:
+        study.enqueue_trial(params, user_attrs={"retry_of": number, "retries": retries + 1})
+
+
+@contextlib.contextmanager
+def _heartbeat(storage, trial_id: int):
+    """Record the trial's heartbeat while it runs, on storages that have them (RDB).
+
+    `study.optimize` does this itself; the ask-and-tell loop here must, or an RDB storage never
+    sees a heartbeat and `fail_stale_trials` can never fail a trial whose worker died.
+    """
+    get_interval = getattr(storage, "get_heartbeat_interval", None)
+    interval = get_interval() if get_interval is not None else None
+    if not interval:
+        yield
+        return
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            try:
+                storage.record_heartbeat(trial_id)
+            except Exception as exc:  # noqa: BLE001 - a missed beat must not kill the trial
+                log.warning("heartbeat of trial id %d failed: %s", trial_id, exc)
+            if stop.wait(interval):
+                return
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{trial_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _finished(study) -> int:
@@ -232,38 +468,72 @@ def _running(study):
     return study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
 
 
-def run_optuna(run: Run, on_trial: Callable[[dict], None] | None = None) -> object:
-    """Run trials until `config.trials` are finished in the study (all workers together)."""
+def run_optuna(run: Run, on_trial: Callable[[dict], None] | None = None,
+               wait_for_others: bool = False) -> object:
+    """Run trials until `config.trials` are finished in the study (all workers together).
+
+    Several workers share the study through its storage. One that finds the other workers
+    holding the last slots waits: if one of them dies, its trial is failed (dead process id
+    or no heartbeat) and requeued, and someone must run it. A trial that turns out surplus
+    (another worker took the last slot at the same moment) is failed as "surplus"; then the
+    worker stops, or with `wait_for_others` (what `run_search` asks for) waits like the others
+    until the study is finished.
+    """
     import optuna
     from optuna.trial import TrialState
 
     from .hypermodel import PersonHyperModel
     from .space import OptunaHP
     from .trial import release, run_two_stages
+    from .workers import GROUP_ATTR, process_namespace, worker_group
 
     cfg = run.config
     study = open_study(cfg, run.space)
     hypermodel = PersonHyperModel(run.space, run.classes, cfg.fit)
+    storage = study._storage
     while True:
         fail_dead_trials(study)
-        if _finished(study) + len(_running(study)) >= cfg.trials:
+        finished, running = _finished(study), len(_running(study))
+        if finished >= cfg.trials:
             break
-        trial = study.ask()
-        # Another worker may have taken the last slot between our check and our ask: the
-        # highest-numbered surplus trial steps back, so exactly N trials finish.
-        running = sorted(t.number for t in _running(study))
-        if _finished(study) + running.index(trial.number) >= cfg.trials:
-            study.tell(trial, state=TrialState.FAIL)
-            study._storage.set_trial_system_attr(trial._trial_id, "fail_reason", "surplus")
-            break
-        study._storage.set_trial_system_attr(trial._trial_id, "worker_host", socket.gethostname())
-        study._storage.set_trial_system_attr(trial._trial_id, "worker_pid", os.getpid())
-        retries = trial.user_attrs.get("retries")
-        if retries is not None:
-            study._storage.set_trial_system_attr(trial._trial_id, "retries", retries)
-        row = _run_optuna_trial(study, trial, hypermodel, run, OptunaHP, run_two_stages)
+        if finished + running >= cfg.trials:
+            time.sleep(WAIT_SECONDS)
+            continue
+        with warnings.catch_warnings():
+            # We record heartbeats ourselves (`_heartbeat`), study.optimize is not needed.
+            warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
+            trial = study.ask()
+        # Beat from the start: a worker that dies from here on is found by its silence too.
+        with _heartbeat(storage, trial._trial_id):
+            # Another worker may have taken the last slot between our check and our ask: the
+            # highest-numbered surplus trial steps back, so exactly N trials finish.
+            running = sorted(t.number for t in _running(study))
+            if _finished(study) + running.index(trial.number) >= cfg.trials:
+                # The reason first: a finished trial can no longer be changed.
+                storage.set_trial_system_attr(trial._trial_id, "fail_reason", "surplus")
+                study.tell(trial, state=TrialState.FAIL)
+                if wait_for_others:
+                    continue
+                break
+            storage.set_trial_system_attr(trial._trial_id, "worker_host", socket.gethostname())
+            storage.set_trial_system_attr(trial._trial_id, "worker_pid", os.getpid())
+            storage.set_trial_system_attr(trial._trial_id, "worker_ns", process_namespace())
+            storage.set_trial_system_attr(trial._trial_id, GROUP_ATTR, worker_group())
+            retries = trial.user_attrs.get("retries")
+            if retries is not None:
+                storage.set_trial_system_attr(trial._trial_id, "retries", retries)
+            try:
+                row = _run_optuna_trial(study, trial, hypermodel, run, OptunaHP, run_two_stages)
+            except (optuna.exceptions.UpdateFinishedTrialError, ValueError):
+                if not storage.get_trial(trial._trial_id).state.is_finished():
+                    raise
+                # Another worker failed it while it ran (no heartbeat for the grace period:
+                # a stalled machine or a lost database connection); its retry runs elsewhere.
+                log.warning("trial %d was failed by another worker while it ran; dropping "
+                            "its result", trial.number)
+                row = None
         release()
-        if on_trial is not None:
+        if on_trial is not None and row is not None:
             on_trial(row)
     return study
 
@@ -291,7 +561,9 @@ def _run_optuna_trial(study, trial, hypermodel, run: Run, hp_cls, fit) -> dict:
         study.tell(trial, state=TrialState.FAIL)
         raise  # every trial would fail the same way: stop with the message
     except KeyboardInterrupt:
+        study._storage.set_trial_system_attr(trial._trial_id, "fail_reason", "interrupted")
         study.tell(trial, state=TrialState.FAIL)
+        requeue(study, trial.number, trial.params, int(trial.user_attrs.get("retries", 0)))
         raise
     except Exception as exc:  # noqa: BLE001 - one failed trial must not end the search
         log.warning("trial %d failed: %s: %s", trial.number, type(exc).__name__, exc)
@@ -341,6 +613,11 @@ def _row(number, state, value, params: dict, metrics: dict, error: str = "",
     for name in ("val_accuracy", "val_balanced_accuracy", "val_macro_f1", "val_loss",
                  "stage1_best", "stage2_best", "epochs_stage1", "epochs_stage2", "params"):
         row[name] = metrics.get(name, float("nan"))
+    for name in ("epochs_stage1", "epochs_stage2", "params"):
+        # Counts stay integers (KerasTuner records every metric as a float).
+        value = row[name]
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            row[name] = int(value)
     row["seconds"] = seconds if seconds is not None else float("nan")
     row["error"] = error or ""
     return row
@@ -372,19 +649,30 @@ def run_kerastuner(run: Run) -> object:
     else:
         epochs = cfg.fit.max_epochs_stage1 + cfg.fit.max_epochs_stage2
         tuner = kt.Hyperband(max_epochs=max(epochs, 2), factor=3, **common)
-    tuner.search(data=run.data)
+    with warnings.catch_warnings():
+        # A metric that is NaN by design (stage2_best when stage 2 is off) makes KerasTuner's
+        # best-value lookup warn on every trial.
+        warnings.filterwarnings("ignore", message="All-NaN", category=RuntimeWarning)
+        tuner.search(data=run.data)
     return tuner
 
 
 def kerastuner_trials_frame(tuner) -> pd.DataFrame:
+    return _kerastuner_frame(tuner.oracle.trials, tuner.hypermodel.space)
+
+
+def _kerastuner_frame(trials: dict, space: SearchSpace) -> pd.DataFrame:
+    """One row per KerasTuner trial (the trials.csv schema), from the oracle's trials by id."""
     from .space import define
 
     rows = []
-    for trial_id, t in sorted(tuner.oracle.trials.items()):
-        params = define(t.hyperparameters.copy(), tuner.hypermodel.space).to_dict() \
+    for trial_id, t in sorted(trials.items()):
+        params = define(t.hyperparameters.copy(), space).to_dict() \
             if t.hyperparameters.values else {}
-        metrics = {name: t.metrics.get_best_value(name)
-                   for name in t.metrics.metrics} if t.metrics else {}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="All-NaN", category=RuntimeWarning)
+            metrics = {name: t.metrics.get_best_value(name)
+                       for name in t.metrics.metrics} if t.metrics else {}
         value = t.score if t.score is not None else float("nan")
         state = {"COMPLETED": "COMPLETE", "INVALID": "FAIL", "FAILED": "FAIL",
                  "STOPPED": "PRUNED"}.get(str(t.status), str(t.status))
@@ -437,24 +725,68 @@ class SearchOutcome:
 
 
 def run_search(config: SearchConfig, on_trial: Callable[[dict], None] | None = None,
-               lock: bool = True) -> SearchOutcome:
+               worker: bool = False) -> SearchOutcome:
     """Prepare the run directory, run the trials, write the results, retrain and report the best.
 
-    `lock=False` is for extra workers of one study that share a run directory.
+    `worker=True` is a process started by `--workers K`: it runs trials and leaves the results
+    to its parent. With a shared `--storage`, each machine runs this; only the worker that
+    sees the study finish (and wins the claim) retrains and reports, the others just stop.
     """
     from contextlib import nullcontext
 
-    with RunLock(config.run_dir) if lock else nullcontext():
+    with nullcontext() if worker else RunLock(config.run_dir):
         run = prepare(config)
         try:
             if config.engine == "optuna":
-                state = run_optuna(run, on_trial)
+                state = run_optuna(run, on_trial, wait_for_others=True)
             else:
                 state = run_kerastuner(run)
         except BaseException:
             _write_partial(run)  # finished trials stay visible even when the search stops
             raise
-        return finish(run, state, retrain=config.retrain_best)
+        if worker:
+            return SearchOutcome(run, trials_frame(run, state), {})
+        retrain = config.retrain_best
+        if config.engine == "optuna" and _finished(state) < config.trials:
+            retrain = False  # not finished: the worker that finishes it retrains
+        elif retrain and config.storage and config.engine == "optuna":
+            from .workers import claim_finalizer
+
+            retrain = claim_finalizer(state, config.trials)
+            if not retrain:
+                log.warning("another worker retrains and reports the best trial of this study")
+        return finish(run, state, retrain=retrain)
+
+
+def run_with_local_workers(config: SearchConfig, worker_argv: list[str]) -> SearchOutcome:
+    """`--workers K`: K processes share the run's journal (or --storage); this one finishes.
+
+    The run directory is prepared here first, so the workers find config.json and split.csv
+    in place and never race to write them; the retrain and report run once, here.
+    """
+    from .workers import run_local_workers
+
+    with RunLock(config.run_dir):
+        prepare(config)
+        codes = run_local_workers(worker_argv, config.workers)
+        run = prepare(config)
+        study = open_study(config)
+        fail_dead_trials(study)
+        if _finished(study) < config.trials:
+            _write_partial(run)
+            raise TunerError(
+                f"workers stopped with {_finished(study)} of {config.trials} trials finished "
+                f"(exit codes {codes}); rerun the same command to continue")
+        retrain = config.retrain_best
+        if retrain and config.storage:
+            from .workers import claim_finalizer, worker_id
+
+            # Other machines share the study: one finalizer for all (our children's trials
+            # name this process as theirs).
+            retrain = claim_finalizer(study, config.trials, group=worker_id())
+            if not retrain:
+                log.warning("another machine retrains and reports the best trial of this study")
+        return finish(run, study, retrain=retrain)
 
 
 def _write_partial(run: Run) -> None:
@@ -486,24 +818,55 @@ def finish(run: Run, state, retrain: bool = True) -> SearchOutcome:
     return outcome
 
 
-def load_state(run_dir: Path, storage: str | None = None, study_name: str | None = None):
-    """Reopen a run's config and engine state for `personclf-tune report`."""
-    path = Path(run_dir) / "config.json"
-    if not path.exists() and storage is None:
+def load_state(run_dir: Path | None, storage: str | None = None,
+               study_name: str | None = None):
+    """Reopen a run's config and engine state for `personclf-tune report`.
+
+    With `storage` (and `study_name`) alone, no run directory is needed: any machine that can
+    reach the database reports the study; the objective is the study's metric name.
+    """
+    path = Path(run_dir) / "config.json" if run_dir is not None else None
+    if (path is None or not path.exists()) and storage is None:
         raise UsageError(f"{run_dir}: no config.json here; give the run directory of a search "
                          "or --storage URL --study-name NAME")
-    saved = json.loads(path.read_text()) if path.exists() else {}
+    saved = json.loads(path.read_text()) if path is not None and path.exists() else {}
     engine = saved.get("engine", "optuna")
-    objective = saved.get("fit", {}).get("objective", "val_balanced_accuracy")
+    objective = saved.get("fit", {}).get("objective")
     if engine == "optuna":
         import optuna
 
         url = storage or saved.get("storage") or f"journal:{Path(run_dir) / STUDY_JOURNAL}"
         name = study_name or saved.get("study_name") or "personclf"
+        opened = open_storage(url)
         try:
-            study = optuna.load_study(study_name=name, storage=open_storage(url))
+            study = optuna.load_study(study_name=name, storage=opened)
         except KeyError:
-            raise UsageError(f"no study {name!r} in {url}; check --study-name") from None
+            names = optuna.get_all_study_names(opened)
+            there = f"; studies there: {', '.join(names)}" if names else "; it holds no study"
+            raise UsageError(f"no study {name!r} in {url}{there}; check --study-name") from None
+        objective = objective or (study.metric_names or [None])[0] or "val_balanced_accuracy"
         return engine, objective, study, optuna_trials_frame(study)
-    raise UsageError(f"{run_dir}: `report` regenerates Optuna runs; this run used the "
-                     f"{engine} engine, whose results are in {run_dir}/trials.csv")
+    return (engine, objective or "val_balanced_accuracy", None,
+            _kerastuner_trials_from_dir(Path(run_dir), saved))
+
+
+def _kerastuner_trials_from_dir(run_dir: Path, saved: dict) -> pd.DataFrame:
+    """A KerasTuner run's trials, from the oracle's trial files (else the last trials.csv)."""
+    files = sorted((run_dir / "kerastuner").glob("trial_*/trial.json"))
+    csv = run_dir / "trials.csv"
+    try:
+        if not files:
+            raise UsageError(f"{run_dir}: no KerasTuner trials in {run_dir / 'kerastuner'}")
+        from keras_tuner.engine.trial import Trial
+
+        space = load_space(saved["space"], list(saved.get("backbones") or []) or None)
+        trials = {}
+        for path in files:
+            trial = Trial.load(str(path))
+            trials[trial.trial_id] = trial
+        return _kerastuner_frame(trials, space)
+    except UsageError as exc:
+        if not csv.is_file():
+            raise
+        log.warning("rebuilding from %s instead of the KerasTuner state: %s", csv, exc)
+        return pd.read_csv(csv)

@@ -8,6 +8,7 @@ trial keeps the best weights of either stage.
 from __future__ import annotations
 
 import gc
+import math
 import logging
 import time
 from dataclasses import dataclass, field
@@ -43,6 +44,9 @@ class TrialData:
     classes: list[str]
     cache: ImageCache
     class_weight_method: str = "balanced"
+    # Stage-1 feature cache (tuner.features.FeatureCache); None trains stage 1 through the
+    # backbone, the naive way.
+    features: object | None = None
 
     def arrays(self, which: str, size: int) -> SplitArrays:
         return split_arrays(self.split, self.classes, self.cache, size, which)
@@ -155,8 +159,9 @@ def run_two_stages(model: keras.Model, params: TrialParams, data: TrialData, cfg
     keras.utils.set_random_seed(cfg.seed)
     size, k = params.input_size, len(data.classes)
     train, val = data.arrays("train", size), data.arrays("val", size)
+    class_weight = data.class_weight()
     train_ds = make_dataset(train, k, params.batch_size, training=True,
-                            class_weight=data.class_weight(), augment_strength=params.augment,
+                            class_weight=class_weight, augment_strength=params.augment,
                             seed=cfg.seed)
     val_ds = make_dataset(val, k, max(params.batch_size, 64), training=False)
     result = TrialResult(params=params, objective=cfg.objective)
@@ -182,9 +187,21 @@ def run_two_stages(model: keras.Model, params: TrialParams, data: TrialData, cfg
     base = base_of(model)
     base.trainable = False
     stage = 1
-    compile_model(model, params.lr_stage1, params, cfg)
-    result.epochs_stage1 = fit_stage(cfg.max_epochs_stage1)
+    if data.features is not None:
+        result.epochs_stage1 = _stage1_on_features(model, params, data, cfg, train, val,
+                                                   class_weight, on_step, extra_callbacks)
+    else:
+        compile_model(model, params.lr_stage1, params, cfg)
+        result.epochs_stage1 = fit_stage(cfg.max_epochs_stage1)
     result.stage1_best = _best(result.history, cfg.objective, stage=1)
+    last_step = result.history[-1]["step"] if result.history else -1
+    if reporter is not None and cfg.max_epochs_stage2 > 0 \
+            and last_step < cfg.max_epochs_stage1 - 1 and math.isfinite(result.stage1_best):
+        # Pruning between the stages: a stage 1 that stopped early is reported at the last
+        # stage-1 step too, so the pruner weighs every trial's stage-1 result at one step
+        # before a hopeless trial pays for stage 2.
+        reporter.report(cfg.max_epochs_stage1 - 1,
+                        {cfg.objective: result.stage1_best, "stage": 1, "between_stages": 1.0})
 
     if cfg.max_epochs_stage2 > 0:
         stage1_weights = model.get_weights()
@@ -204,12 +221,59 @@ def run_two_stages(model: keras.Model, params: TrialParams, data: TrialData, cfg
     return result
 
 
+def _stage1_on_features(model, params: TrialParams, data: "TrialData", cfg: FitConfig,
+                        train: SplitArrays, val: SplitArrays, class_weight, on_step,
+                        extra_callbacks) -> int:
+    """Stage 1 on cached frozen-backbone features: the head layers (shared with `model`)
+    train on K cached augmented views, one per epoch, and are validated on cached features."""
+    from .features import ViewSequence, head_model
+
+    feats = data.features.get(model, params, data, cfg)
+    k = len(data.classes)
+    head = head_model(model, feats.train.shape[-1])
+    compile_model(head, params.lr_stage1, params, cfg)
+    y = np.eye(k, dtype=np.float32)[train.y]
+    w = (np.array([class_weight[int(c)] for c in train.y], dtype=np.float32)
+         if class_weight else None)
+    sequence = ViewSequence(feats.train, y, w, params.batch_size, cfg.seed)
+    import tensorflow as tf
+
+    val_ds = tf.data.Dataset.from_tensor_slices(
+        (feats.val, np.eye(k, dtype=np.float32)[val.y])).batch(256)
+    early = keras.callbacks.EarlyStopping(monitor=cfg.objective, mode="max",
+                                          patience=cfg.patience, restore_best_weights=True)
+    callbacks = [ValidationMetrics(val_ds, val.y, k, on_step), early, _Relay(extra_callbacks)]
+    history = head.fit(sequence, epochs=cfg.max_epochs_stage1, callbacks=callbacks,
+                       verbose=cfg.verbose)
+    return len(history.history.get("loss", []))
+
+
 def _best(history: list[dict], objective: str, stage: int) -> float:
     values = [h[objective] for h in history if h["stage"] == stage and objective in h]
     return max(values) if values else float("nan")
 
 
 def release() -> None:
-    """Free a finished trial's graph and memory so a long search stays flat."""
-    keras.backend.clear_session(free_memory=True)
+    """Free a finished trial's graph and memory so a long search stays flat.
+
+    `clear_session` alone is not enough: every trace of a Keras train step registers a
+    `tf.custom_gradient` (the default strategy's gradient all-reduce in Keras's TF optimizer)
+    in TensorFlow's global gradient registry, and that entry's closure holds the traced graph,
+    so each trial's whole train-step graph stayed alive for good (tensorflow#97697). The
+    entries are only read while a graph that contains them is being differentiated, which
+    Keras does inside the trace, so a finished trial never needs them again.
+    """
+    keras.backend.clear_session(free_memory=False)
+    _drop_custom_gradients()
     gc.collect()
+
+
+def _drop_custom_gradients() -> None:
+    try:
+        from tensorflow.python.framework import ops
+
+        registry = ops._gradient_registry._registry
+    except (ImportError, AttributeError):  # another TensorFlow layout: nothing to drop
+        return
+    for name in [n for n in registry if n.startswith("CustomGradient-")]:
+        registry.pop(name, None)

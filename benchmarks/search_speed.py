@@ -1,0 +1,133 @@
+"""Benchmark: the same search twice, naive and fast, in one invocation.
+
+naive: no caches (every trial decodes its images), stage 1 trains through the frozen
+backbone every epoch, no pruning. fast: decoded-image cache, stage-1 feature cache, pruning
+(including between the stages). Same seed, space, data and trial count. Each mode runs in its
+own process so peak memory is measured per mode.
+
+    python benchmarks/search_speed.py [--data DIR] [--trials 8] [--max-epochs 5]
+
+Writes results/bench/search_speed.md and results/bench/search_speed.json:
+{"naive": {"seconds", "best_val_balanced_accuracy", "rss_mb": [...], "trials_per_hour"},
+ "fast": {...}, "ratio"}. Needs MobileNetV2 ImageNet weights (KERAS_HOME or --weights).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+
+
+def rss_mb() -> tuple[float, float]:
+    """(current, peak) resident memory of this process in MiB."""
+    fields = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    kb = lambda k: float(fields.get(k, "0 kB").split()[0]) / 1024  # noqa: E731
+    return kb("VmRSS"), kb("VmHWM")
+
+
+def run_mode(args) -> dict:
+    """One search in this process; returns its measurements."""
+    from tuner.config import FitConfig, SearchConfig, SplitConfig
+    from tuner.search import run_search
+
+    fast = args.mode == "fast"
+    config = SearchConfig(
+        data_dir=Path(args.data), run_dir=Path(args.run_dir), trials=args.trials,
+        space=Path(args.space), pruning=fast, retrain_best=False, fast=fast,
+        split=SplitConfig(seed=args.seed),
+        fit=FitConfig(max_epochs_stage1=args.max_epochs, max_epochs_stage2=args.max_epochs,
+                      patience=args.patience, seed=args.seed, weights=args.weights))
+    rss, peaks, states = [], [], []
+
+    def on_trial(row: dict) -> None:
+        current, peak = rss_mb()
+        rss.append(round(current, 1))
+        peaks.append(round(peak, 1))
+        states.append(row["state"])
+        print(f"[{args.mode}] trial {row['number']} {row['state']} "
+              f"{row.get('value', float('nan')):.4f} {row['seconds']:.0f}s rss {current:.0f} MiB",
+              flush=True)
+
+    start = time.perf_counter()
+    outcome = run_search(config, on_trial=on_trial)
+    seconds = time.perf_counter() - start
+    done = outcome.trials[outcome.trials["state"] == "COMPLETE"]
+    return {"seconds": round(seconds, 1),
+            "trials": len(states), "states": states,
+            "trials_per_hour": round(len(states) / seconds * 3600, 1),
+            "best_val_balanced_accuracy": float(done["val_balanced_accuracy"].max()),
+            "rss_mb": rss, "peak_rss_mb": peaks}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default=str(REPO.parent / "shared/datasets/lfw_12people"))
+    ap.add_argument("--space", default=str(HERE / "bench_space.yaml"))
+    ap.add_argument("--trials", type=int, default=8)
+    ap.add_argument("--max-epochs", type=int, default=5)
+    ap.add_argument("--patience", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--weights", default="imagenet")
+    ap.add_argument("--out", default=str(REPO / "results/bench"))
+    ap.add_argument("--mode", choices=("naive", "fast"), help=argparse.SUPPRESS)
+    ap.add_argument("--run-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.mode:  # a child process: one mode
+        Path(args.result).write_text(json.dumps(run_mode(args)))
+        return 0
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        for mode in ("naive", "fast"):
+            result_file = Path(tmp) / f"{mode}.json"
+            cmd = [sys.executable, __file__, "--mode", mode, "--run-dir", str(Path(tmp) / mode),
+                   "--result", str(result_file), "--data", args.data, "--space", args.space,
+                   "--trials", str(args.trials), "--max-epochs", str(args.max_epochs),
+                   "--patience", str(args.patience), "--seed", str(args.seed),
+                   "--weights", args.weights]
+            subprocess.run(cmd, check=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+            results[mode] = json.loads(result_file.read_text())
+    naive, fast = results["naive"], results["fast"]
+    results["ratio"] = round(fast["trials_per_hour"] / naive["trials_per_hour"], 2)
+    results["accuracy_gap_points"] = round(
+        100 * (naive["best_val_balanced_accuracy"] - fast["best_val_balanced_accuracy"]), 2)
+    growth = {m: round(results[m]["peak_rss_mb"][-1] / results[m]["peak_rss_mb"][1] - 1, 3)
+              for m in ("naive", "fast") if len(results[m]["peak_rss_mb"]) > 1}
+    results["peak_rss_growth_after_2nd_trial"] = growth
+    results["config"] = {k: getattr(args, k) for k in
+                         ("data", "space", "trials", "max_epochs", "patience", "seed", "weights")}
+    from tabulate import tabulate
+
+    rows = [[m, r["seconds"], r["trials_per_hour"], f"{r['best_val_balanced_accuracy']:.4f}",
+             r["peak_rss_mb"][1] if len(r["peak_rss_mb"]) > 1 else "-", r["peak_rss_mb"][-1],
+             " ".join(s[0] for s in r["states"])]
+            for m, r in (("naive", naive), ("fast", fast))]
+    table = tabulate(rows, headers=["mode", "wall s", "trials/h", "best val bal. acc",
+                                    "peak RSS MiB after trial 2", "after last", "states"],
+                     tablefmt="github")
+    text = (f"{table}\n\nspeed ratio (fast/naive trials per hour): {results['ratio']}x; "
+            f"accuracy gap: {results['accuracy_gap_points']} points; peak RSS growth after "
+            f"trial 2: {growth}\n")
+    print(text)
+    (out / "search_speed.md").write_text(text)
+    (out / "search_speed.json").write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

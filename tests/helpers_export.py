@@ -1,0 +1,85 @@
+"""A real, small run directory for the export and deploy tests, made once per test session.
+
+`trained_run` builds what a search leaves behind (split.csv, config.json, best/ written by
+`best.retrain_best`) from the bundled sample with the shared MobileNet 0.25 weights at 96 px,
+training the head for a few epochs: a genuine model in well under a minute on two cores.
+`exported_run` exports it once to every format. Tests must treat both as read-only (copy first).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+_CACHE: dict[str, Path] = {}
+
+PARAMS = dict(backbone="MobileNet", alpha=0.25, input_size=96, dense_units=0, dropout=0.1,
+              augment=0.0, lr_stage1=1e-2, batch_size=16, label_smoothing=0.0)
+EPOCHS = 15
+
+
+def trained_run(root: Path, sample_dir: Path, weights: Path) -> Path:
+    """RUN with split.csv, config.json and best/{model.keras, manifest.json, labels.txt}."""
+    if "run" in _CACHE:
+        return _CACHE["run"]
+    import keras
+
+    from tuner.best import retrain_best
+    from tuner.config import FitConfig, ScanConfig, SearchConfig, SplitConfig
+    from tuner.data import scan, split, write_json, write_split
+    from tuner.pipeline import ImageCache
+    from tuner.search import Run
+    from tuner.trial import TrialData
+
+    run_dir = Path(root) / "run"
+    config = SearchConfig(
+        data_dir=sample_dir, run_dir=run_dir, trials=1, scan=ScanConfig(sample_dir),
+        split=SplitConfig(seed=42),
+        fit=FitConfig(max_epochs_stage1=EPOCHS, max_epochs_stage2=0, patience=EPOCHS,
+                      weights=str(weights), seed=42))
+    run_dir.mkdir(parents=True)
+    write_json({**config.identity(), "version": 1}, run_dir / "config.json")
+    frame = split(scan(config.scan).images, config.split)
+    write_split(frame, run_dir / "split.csv")
+    classes = sorted(frame["label"].unique().tolist())
+    data = TrialData(frame, classes, ImageCache(sample_dir), "balanced")
+    keras.utils.set_random_seed(42)
+    retrain_best(Run(config, None, data), {**PARAMS, "number": 0, "value": 0.0})
+    _CACHE["run"] = run_dir
+    return run_dir
+
+
+def exported_run(root: Path, sample_dir: Path, weights: Path):
+    """The trained run exported to every format once; returns (run_dir, ExportResult)."""
+    if "export" in _CACHE:
+        return _CACHE["run"], _CACHE["export"]
+    from tuner.export import export_run
+
+    run_dir = trained_run(root, sample_dir, weights)
+    _CACHE["export"] = export_run(run_dir)
+    return run_dir, _CACHE["export"]
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def fake_export(folder: Path, balanced_accuracy: float, tag: str = "") -> Path:
+    """An export folder with small files and a valid manifest (no TensorFlow): for deploy tests."""
+    folder = Path(folder)
+    (folder / "saved_model").mkdir(parents=True, exist_ok=True)
+    contents = {"model_int8.tflite": b"int8 " + tag.encode() * 100,
+                "model_float32.tflite": b"float " + tag.encode() * 100,
+                "saved_model/saved_model.pb": b"pb " + tag.encode(),
+                "labels.txt": b"A\nB\nUnknown\n"}
+    for rel, data in contents.items():
+        (folder / rel).write_bytes(data)
+    manifest = {"schema_version": 1, "kind": "personclf-tune export", "tag": tag,
+                "classes": ["A", "B", "Unknown"], "threshold": 0.5,
+                "metrics": {"test": {"balanced_accuracy": balanced_accuracy}},
+                "parity": {"passed": True},
+                "files": {rel: sha256(folder / rel) for rel in sorted(contents)}}
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    os.utime(folder)
+    return folder

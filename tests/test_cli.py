@@ -1,0 +1,180 @@
+"""CLI errors a user can fix: one line on stderr, exit status 2, no traceback, no run left behind.
+
+`cli.main([...])` is called in-process (capsys sees exactly what a user would read; TensorFlow's
+own C++ logging goes to the file descriptor, not to sys.stderr). Only the ImageNet case builds a
+backbone, and it fails at once (no download is possible offline); nothing here trains.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tuner import cli
+
+REPO = Path(__file__).resolve().parents[1]
+SPACE = """\
+backbones:
+  MobileNet: {input_size: [96], alpha: [0.25], freeze_block: [6, 12]}
+hyperparameters:
+  dense_units: {choice: [0, 64]}
+  batch_size: 32
+"""
+
+
+def error_line(capsys) -> str:
+    """The single line the CLI wrote to stderr (and nothing that looks like a traceback)."""
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    assert lines[0].startswith("personclf-tune: error: "), err
+    return lines[0]
+
+
+@pytest.fixture
+def data(sample_dir, tmp_path) -> Path:
+    """3 classes x 10 images: enough for a split, never trained on here."""
+    dst = tmp_path / "data"
+    for person in ("Colin_Powell", "Donald_Rumsfeld", "Unknown"):
+        (dst / person).mkdir(parents=True)
+        for f in sorted((sample_dir / person).iterdir())[:10]:
+            shutil.copy2(f, dst / person / f.name)
+    return dst
+
+
+@pytest.fixture
+def space(tmp_path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(SPACE)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def in_tmp(tmp_path, monkeypatch):
+    """Every test runs in an empty directory: nothing may be written into the repository."""
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    return work
+
+
+def test_missing_default_dataset(in_tmp, capsys):
+    assert cli.main(["--trials", "1"]) == 2
+    line = error_line(capsys)
+    assert "--data dataset: no such folder" in line
+    assert list(in_tmp.iterdir()) == [], "a refused search must not create a run directory"
+
+
+def test_verbose_flag_first_still_means_search(in_tmp, capsys):
+    assert cli.main(["-v", "--trials", "1"]) == 2
+    assert "--data dataset: no such folder" in error_line(capsys)
+
+
+def test_missing_data_dir_named(tmp_path, capsys):
+    missing = tmp_path / "nope"
+    assert cli.main(["search", "--data", str(missing)]) == 2
+    assert f"--data {missing}: no such folder" in error_line(capsys)
+
+
+def test_missing_space_file(data, tmp_path, capsys):
+    run = tmp_path / "RUN"
+    assert cli.main(["--data", str(data), "--space", str(tmp_path / "nope.yaml"),
+                     "--output", str(run)]) == 2
+    line = error_line(capsys)
+    assert "--space" in line and "nope.yaml" in line
+    assert not run.exists()
+
+
+def test_invalid_space_file(data, tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(SPACE.replace("dense_units:", "dense_unitz:"))
+    run = tmp_path / "RUN"
+    assert cli.main(["--data", str(data), "--space", str(bad), "--output", str(run)]) == 2
+    line = error_line(capsys)
+    assert "bad.yaml:" in line and "dense_unitz" in line
+    # The refused run leaves no config behind, so the corrected command is not "different".
+    assert not (run / "config.json").exists()
+
+
+def test_unknown_backbone(data, space, tmp_path, capsys):
+    run = tmp_path / "RUN"
+    assert cli.main(["--data", str(data), "--space", str(space), "--backbones", "MobileNet,Nope",
+                     "--output", str(run)]) == 2
+    line = error_line(capsys)
+    assert "unknown backbone 'Nope'" in line and "MobileNet" in line
+    assert not (run / "config.json").exists()
+
+
+def test_backbone_not_in_space(data, space, tmp_path, capsys):
+    assert cli.main(["--data", str(data), "--space", str(space), "--backbones", "ResNet50",
+                     "--output", str(tmp_path / "RUN")]) == 2
+    assert "'ResNet50' is not in this search space" in error_line(capsys)
+
+
+def test_missing_weights_file(data, space, tmp_path, capsys):
+    run = tmp_path / "RUN"
+    assert cli.main(["--data", str(data), "--space", str(space), "--weights",
+                     str(tmp_path / "missing.h5"), "--output", str(run)]) == 2
+    line = error_line(capsys)
+    assert "--weights" in line and "missing.h5: no such file" in line
+    assert not run.exists()
+
+
+def test_imagenet_weights_unavailable_offline(data, tmp_path, monkeypatch, capsys):
+    """No cached file and no network: the one-line WeightsError, not a download traceback."""
+    home = tmp_path / "empty_keras_home"
+    home.mkdir()
+    monkeypatch.setenv("KERAS_HOME", str(home))
+    space = tmp_path / "half.yaml"
+    space.write_text(SPACE.replace("input_size: [96], alpha: [0.25]",
+                                   "input_size: [128], alpha: [0.5]"))
+    run = tmp_path / "RUN"
+    assert cli.main(["--data", str(data), "--space", str(space), "--weights", "imagenet",
+                     "--trials", "2", "--output", str(run)]) == 2
+    line = error_line(capsys)
+    assert "MobileNet alpha 0.5 at 128 px" in line
+    assert "mobilenet_5_0_128_tf_no_top.h5" in line and str(home) in line
+    assert "--weights PATH" in line
+    # The search stopped at the first trial instead of failing every trial the same way.
+    trials = (run / "trials.csv").read_text().splitlines()
+    assert len(trials) == 2 and ",FAIL," in trials[1]
+
+
+def test_bad_choice_is_argparse_usage(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--engine", "grid"])
+    assert exc.value.code == 2
+    assert "invalid choice: 'grid'" in capsys.readouterr().err
+
+
+def test_report_without_run(tmp_path, capsys):
+    assert cli.main(["report", str(tmp_path)]) == 2
+    assert "no config.json" in error_line(capsys)
+
+
+def test_evaluate_without_manifest(data, tmp_path, capsys):
+    out = tmp_path / "out.json"
+    assert cli.main(["evaluate", str(tmp_path), "--data", str(data), "--json", str(out)]) == 2
+    assert "no manifest.json" in error_line(capsys)
+    assert not out.exists()
+
+
+def test_python_dash_m_entry_point(tmp_path):
+    """`python -m tuner.cli` is the same program: exit 2 and exactly one line on stderr."""
+    env = {**os.environ,
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "tuner.cli", "--data", str(tmp_path / "nope")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"personclf-tune: error: --data {tmp_path / 'nope'}: no such folder")
+    assert not (tmp_path / "nope").exists() and not (tmp_path / "results").exists()
+    version = subprocess.run([sys.executable, "-m", "tuner.cli", "--version"], cwd=tmp_path,
+                             env=env, capture_output=True, text=True, timeout=120)
+    assert version.returncode == 0 and version.stdout.startswith("personclf-tune ")

@@ -1,0 +1,537 @@
+"""Predict with any exported format; promote an export to a device; roll a device back.
+
+Device layout (a local folder, or `[user@]host:/path` over ssh and rsync):
+
+    DEST/releases/<id>/   one folder per promoted export (files + manifest.json)
+    DEST/current -> releases/<id>
+
+A release is copied under a temporary name, its files are checked against the sha256 sums of
+its manifest, and only then renamed into `releases/` and `current` switched to it with one
+atomic rename of a symlink. So a failed or interrupted copy never changes what `current` runs.
+Older releases are kept for `rollback` (`--keep N`). The champion gate refuses a model whose
+test balanced accuracy is worse than the current one's, unless forced.
+
+Every external command is an argument list (never `shell=True`); commands that run on the
+remote host are quoted with `shlex` because ssh hands them to the remote shell.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DatasetError, TunerError, UsageError
+from .export import sha256_file
+
+RELEASES = "releases"
+CURRENT = "current"
+INCOMING = ".incoming-"
+DEFAULT_KEEP = 3
+GATE_METRIC = "balanced_accuracy"
+SSH_OPTS_ENV = "PERSONCLF_SSH_OPTS"
+# The formats `predict` picks from an export folder, best for a small CPU first.
+PREDICT_PREFERENCE = ("int8", "tflite", "keras", "savedmodel")
+
+
+class DeployError(TunerError):
+    """A copy, a checksum or a remote command failed; `current` was left as it was."""
+
+
+class PromotionRefused(UsageError):
+    """The champion gate (or a failed export) stopped a promotion; `--force` overrides."""
+
+
+# ---------------------------------------------------------------------------------------------
+# predict
+
+
+def predict(model: Path, inputs, fmt: str | None = None) -> list[dict]:
+    """Label, probability and Unknown verdict for each image (files or folders of images).
+
+    `model` is a model file (.keras, .tflite), a SavedModel folder, or a folder with a
+    manifest (RUN/export, RUN/best, a device's `current`), from which `fmt` (default: the
+    first of int8, tflite, keras, savedmodel present) is taken. Images are decoded exactly as
+    in training (`pipeline.load_image`). An image that cannot be read gets an `error` entry.
+    """
+    from .export import open_model
+    from .pipeline import load_image
+
+    path, manifest = resolve_model(Path(model), fmt)
+    runner = open_model(path)
+    classes = list(manifest["classes"])
+    threshold = float(manifest.get("threshold", 0.0))
+    unknown = manifest.get("unknown_label", "Unknown")
+    size = runner.input_size
+    results = []
+    for image in image_paths(inputs):
+        try:
+            pixels = load_image(image, size)
+        except (DatasetError, OSError) as exc:
+            results.append({"image": str(image), "error": str(exc)})
+            continue
+        probs = runner.predict(pixels[None])[0]
+        if len(probs) != len(classes):
+            raise UsageError(f"{path}: {len(probs)} outputs but the manifest lists "
+                             f"{len(classes)} classes; use the manifest of this model's run")
+        top = int(np.argmax(probs))
+        rejected = threshold > 0 and probs[top] < threshold and classes[top] != unknown
+        results.append({
+            "image": str(image),
+            "label": unknown if rejected else classes[top],
+            "probability": float(probs[top]),
+            "top1": classes[top],
+            "unknown": rejected or classes[top] == unknown,
+            "threshold": threshold,
+            "format": runner.format,
+            "probabilities": {c: float(p) for c, p in zip(classes, probs)},
+        })
+    return results
+
+
+def resolve_model(path: Path, fmt: str | None = None) -> tuple[Path, dict]:
+    """The model file to run and the manifest that names its classes and threshold."""
+    from .export import FORMATS, MANIFEST
+
+    if not path.exists():
+        raise UsageError(f"{path}: no such model file or folder")
+    if path.is_dir() and (path / MANIFEST).is_file():
+        manifest = json.loads((path / MANIFEST).read_text())
+        formats = manifest.get("formats")
+        if not formats:  # RUN/best: the Keras model only
+            return path / "model.keras", manifest
+        names = [fmt] if fmt else [n for n in PREDICT_PREFERENCE if n in formats]
+        for name in names:
+            entry = formats.get(name) or {}
+            if entry.get("file") and (path / entry["file"]).exists():
+                return path / entry["file"], manifest
+        have = [n for n, e in formats.items() if e.get("file")]
+        raise UsageError(f"{path}: no {fmt or 'runnable'} model here (has: "
+                         f"{', '.join(have) or 'none'}); choose --format from those")
+    if fmt and fmt in FORMATS and path.is_dir() and (path / FORMATS[fmt].path).exists():
+        path = path / FORMATS[fmt].path
+    for folder in (path.parent, path.parent.parent):
+        if (folder / MANIFEST).is_file():
+            return path, json.loads((folder / MANIFEST).read_text())
+    raise UsageError(f"{path}: no manifest.json beside the model; keep the model in its "
+                     "export folder (RUN/export) or a release folder")
+
+
+def image_paths(inputs) -> list[Path]:
+    """Files as given; folders walked recursively for images, sorted."""
+    from .data import IMAGE_SUFFIXES
+
+    out: list[Path] = []
+    for item in inputs:
+        item = Path(item)
+        if item.is_dir():
+            out += sorted(p for p in item.rglob("*")
+                          if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        elif item.exists():
+            out.append(item)
+        else:
+            raise UsageError(f"{item}: no such image or folder")
+    if not out:
+        raise UsageError("no images found in " + ", ".join(str(i) for i in inputs))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Destinations: a local folder or an ssh host, behind one small interface.
+
+
+def copy_file(src: Path, dst: Path) -> None:
+    """Copy one file (a seam: tests make it fail halfway through a release)."""
+    shutil.copy2(src, dst)
+
+
+class LocalDestination:
+    """DEST is a folder on this machine (a mounted device, or the device itself)."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def __str__(self) -> str:
+        return str(self.root)
+
+    def current(self) -> str | None:
+        link = self.root / CURRENT
+        return Path(os.readlink(link)).name if link.is_symlink() else None
+
+    def releases(self) -> list[str]:
+        folder = self.root / RELEASES
+        if not folder.is_dir():
+            return []
+        return sorted((p.name for p in folder.iterdir()
+                       if p.is_dir() and not p.name.startswith(".")), key=_order)
+
+    def read_manifest(self, release: str) -> dict | None:
+        path = self.root / RELEASES / release / "manifest.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def upload(self, src: Path, files: list[str], name: str) -> None:
+        staging = self.root / RELEASES / name
+        for rel in files:
+            (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+            copy_file(src / rel, staging / rel)
+
+    def checksums(self, name: str, files: list[str]) -> dict[str, str]:
+        folder = self.root / RELEASES / name
+        return {rel: sha256_file(folder / rel) for rel in files if (folder / rel).is_file()}
+
+    def rename(self, old: str, new: str) -> None:
+        os.rename(self.root / RELEASES / old, self.root / RELEASES / new)
+
+    def switch(self, release: str) -> None:
+        tmp = self.root / f".{CURRENT}.tmp-{os.getpid()}"
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+        os.symlink(f"{RELEASES}/{release}", tmp)
+        os.replace(tmp, self.root / CURRENT)
+
+    def remove(self, name: str) -> None:
+        shutil.rmtree(self.root / RELEASES / name, ignore_errors=True)
+
+
+class SSHDestination:
+    """DEST is `[user@]host:/path`, reached with ssh (commands) and rsync (files)."""
+
+    def __init__(self, host: str, root: str, ssh_options=()):
+        self.host = host
+        self.root = root.rstrip("/") or "/"
+        self.ssh_options = list(ssh_options)
+        self._control: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.root}"
+
+    def __enter__(self):
+        """Share one ssh connection between the dozen commands of a promotion."""
+        self._control = tempfile.mkdtemp(prefix="personclf-ssh-")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._control is None:
+            return
+        subprocess.run([*self._ssh_cmd(), "-O", "exit", self.host], capture_output=True,
+                       timeout=30, check=False)
+        shutil.rmtree(self._control, ignore_errors=True)
+        self._control = None
+
+    def _ssh_cmd(self) -> list[str]:
+        shared = (["-o", "ControlMaster=auto", "-o", f"ControlPath={self._control}/%C",
+                   "-o", "ControlPersist=60"] if self._control else [])
+        return ["ssh", "-o", "BatchMode=yes", *shared, *self.ssh_options]
+
+    def run(self, *argv: str, check: bool = True, input: str | None = None) -> str:
+        """Run `argv` on the host; it reaches the remote shell quoted, word for word."""
+        cmd = [*self._ssh_cmd(), self.host, "--", shlex.join(argv)]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, input=input, timeout=600)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise DeployError(f"ssh {self.host}: {exc}") from None
+        if check and proc.returncode != 0:
+            raise DeployError(f"ssh {self.host} {argv[0]} failed (exit {proc.returncode}): "
+                              f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}")
+        return proc.stdout
+
+    def _path(self, *parts: str) -> str:
+        return "/".join([self.root.rstrip("/"), *parts])
+
+    def current(self) -> str | None:
+        out = self.run("readlink", "--", self._path(CURRENT), check=False).strip()
+        return out.rsplit("/", 1)[-1] if out else None
+
+    def releases(self) -> list[str]:
+        out = self.run("sh", "-c", 'test -d "$1" && ls -1A -- "$1" || true', "sh",
+                       self._path(RELEASES))
+        return sorted((n for n in out.splitlines() if n and not n.startswith(".")), key=_order)
+
+    def read_manifest(self, release: str) -> dict | None:
+        out = self.run("sh", "-c", 'test -f "$1" && cat -- "$1" || true', "sh",
+                       self._path(RELEASES, release, "manifest.json"))
+        return json.loads(out) if out.strip() else None
+
+    def upload(self, src: Path, files: list[str], name: str) -> None:
+        target = self._path(RELEASES, name)
+        self.run("mkdir", "-p", "--", target)
+        if shutil.which("rsync") is None:
+            raise DeployError("rsync is not installed here; install it (and on the device)")
+        cmd = ["rsync", "-a", "--files-from=-", "-e", shlex.join(self._ssh_cmd()),
+               f"{src}/", f"{self.host}:{target}/"]
+        try:
+            proc = subprocess.run(cmd, input="\n".join(files) + "\n", capture_output=True,
+                                  text=True, timeout=3600)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise DeployError(f"rsync to {self.host}: {exc}") from None
+        if proc.returncode != 0:
+            raise DeployError(f"rsync to {self.host} failed (exit {proc.returncode}): "
+                              f"{proc.stderr.strip()[-300:]}")
+
+    def checksums(self, name: str, files: list[str]) -> dict[str, str]:
+        out = self.run("sh", "-c", 'cd "$1" && shift && sha256sum -- "$@"', "sh",
+                       self._path(RELEASES, name), *files, check=False)
+        sums = {}
+        for line in out.splitlines():
+            if m := re.match(r"^([0-9a-f]{64})\s+\*?(.+)$", line):
+                sums[m.group(2)] = m.group(1)
+        return sums
+
+    def rename(self, old: str, new: str) -> None:
+        self.run("mv", "-T", "--", self._path(RELEASES, old), self._path(RELEASES, new))
+
+    def switch(self, release: str) -> None:
+        tmp = self._path(f".{CURRENT}.tmp")
+        self.run("sh", "-c", 'ln -sfn -- "$1" "$2" && mv -Tf -- "$2" "$3"', "sh",
+                 f"{RELEASES}/{release}", tmp, self._path(CURRENT))
+
+    def remove(self, name: str) -> None:
+        self.run("rm", "-rf", "--", self._path(RELEASES, name), check=False)
+
+
+_REMOTE = re.compile(r"^(?P<host>(?:[^@/:\s]+@)?[^@/:\s]+):(?P<path>.*)$")
+
+
+def destination(dest: str, ssh_options=()) -> LocalDestination | SSHDestination:
+    """`[user@]host:/path` (a colon before any slash, as rsync reads it) or a local folder."""
+    text = str(dest)
+    m = _REMOTE.match(text)
+    if m and not Path(text).exists():
+        if not m.group("path"):
+            raise UsageError(f"--to {dest}: give the folder on the host, e.g. {m.group('host')}:"
+                             "/opt/personclf")
+        options = shlex.split(os.environ.get(SSH_OPTS_ENV, "")) + list(ssh_options)
+        return SSHDestination(m.group("host"), m.group("path"), options)
+    return LocalDestination(Path(text))
+
+
+# ---------------------------------------------------------------------------------------------
+# promote, rollback
+
+
+@dataclass
+class PromoteResult:
+    destination: str
+    release: str | None
+    previous: str | None
+    new_metric: float | None
+    current_metric: float | None
+    pruned: list[str] = field(default_factory=list)
+    already_current: bool = False
+
+
+def promote(source: Path, dest: str, *, keep: int = DEFAULT_KEEP, force: bool = False,
+            ssh_options=()) -> PromoteResult:
+    """Copy an export (RUN or RUN/export) to DEST as a new release and make it `current`."""
+    if keep < 1:
+        raise UsageError(f"--keep {keep}: keep at least the current release")
+    folder = _export_folder(Path(source))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    expected = _verify_local(folder, manifest)
+    with destination(dest, ssh_options) as d:
+        return _promote(d, folder, manifest, expected, keep, force)
+
+
+def _promote(d, folder: Path, manifest: dict, expected: dict, keep: int,
+             force: bool) -> PromoteResult:
+    current = d.current()
+    current_manifest = d.read_manifest(current) if current else None
+    new_metric, cur_metric = _metric(manifest), _metric(current_manifest)
+    result = PromoteResult(str(d), None, current, new_metric, cur_metric)
+    if current_manifest is not None and current_manifest.get("files") == manifest.get("files"):
+        result.release, result.already_current = current, True
+        return result
+    if not manifest.get("parity", {}).get("passed", True) and not force:
+        raise PromotionRefused(f"{folder}: the export failed its parity check "
+                               f"({'; '.join(manifest['parity'].get('failures', []))}); "
+                               "fix it, or pass --force")
+    if (new_metric is not None and cur_metric is not None and new_metric < cur_metric
+            and not force):
+        raise PromotionRefused(
+            f"champion gate: test {GATE_METRIC} {_fmt(new_metric)} of {folder} is worse than "
+            f"{_fmt(cur_metric)} of the current release {current} on {d}; pass --force to "
+            "promote it anyway")
+    release = _release_id(expected["manifest.json"], d.releases())
+    staging = f"{INCOMING}{release}"
+    files = sorted(expected)
+    try:
+        d.upload(folder, files, staging)
+        got = d.checksums(staging, files)
+        bad = [rel for rel in files if got.get(rel) != expected[rel]]
+        if bad:
+            raise DeployError(f"{len(bad)} file(s) differ after the copy to {d} (first: "
+                              f"{bad[0]}); current left at {current}")
+        d.rename(staging, release)
+    except BaseException:
+        d.remove(staging)
+        raise
+    d.switch(release)
+    result.release = release
+    result.pruned = prune(d, keep)
+    return result
+
+
+def rollback(dest: str, ssh_options=()) -> tuple[str, str]:
+    """Point `current` at the release before it; returns (from, to)."""
+    with destination(dest, ssh_options) as d:
+        return _rollback(d)
+
+
+def _rollback(d) -> tuple[str, str]:
+    current = d.current()
+    releases = d.releases()
+    if current is None:
+        raise UsageError(f"{d}: nothing promoted there yet (no {CURRENT} link)")
+    if current not in releases:
+        raise DeployError(f"{d}: {CURRENT} points to {current}, which is not in {RELEASES}/")
+    older = [r for r in releases if _order(r) < _order(current)]
+    if not older:
+        raise UsageError(f"{d}: {current} is the oldest release kept; nothing to roll back to")
+    d.switch(older[-1])
+    return current, older[-1]
+
+
+def prune(d, keep: int) -> list[str]:
+    """Remove all but the newest `keep` releases (never the current one)."""
+    current = d.current()
+    releases = d.releases()
+    doomed = [r for r in releases[:-keep] if r != current] if len(releases) > keep else []
+    for name in doomed:
+        d.remove(name)
+    return doomed
+
+
+def _export_folder(source: Path) -> Path:
+    from .export import EXPORT_DIR
+
+    for folder in (source, source / EXPORT_DIR):
+        if (folder / "manifest.json").is_file() and "files" in json.loads(
+                (folder / "manifest.json").read_text()):
+            return folder
+    raise UsageError(f"{source}: no export here; run `personclf-tune export {source}` first")
+
+
+def _verify_local(folder: Path, manifest: dict) -> dict[str, str]:
+    """The sha256 of every file to copy (manifest included), checked before anything moves."""
+    expected = dict(manifest["files"])
+    for rel, digest in expected.items():
+        if not (folder / rel).is_file() or sha256_file(folder / rel) != digest:
+            raise UsageError(f"{folder / rel}: missing or changed since the export; re-export")
+    expected["manifest.json"] = sha256_file(folder / "manifest.json")
+    return expected
+
+
+def _metric(manifest: dict | None) -> float | None:
+    try:
+        return float(manifest["metrics"]["test"][GATE_METRIC])
+    except (TypeError, KeyError, ValueError):
+        return None
+
+
+def _release_id(manifest_sha: str, taken: list[str]) -> str:
+    """`<seq>-<UTC time>-<manifest sha>`: the sequence number orders releases even if clocks don't."""
+    seq = max((_order(name)[0] for name in taken), default=0) + 1
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return f"{seq:04d}-{stamp}-{manifest_sha[:8]}"
+
+
+def _order(name: str) -> tuple[int, str]:
+    head = name.split("-", 1)[0]
+    return (int(head) if head.isdigit() else 0, name)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+
+
+def add_cli(subparsers) -> None:
+    """Register `predict`, `promote` and `rollback` on the tool's subcommand parser."""
+    from .export import FORMAT_NAMES
+
+    p = subparsers.add_parser("predict", help="classify images with any exported model")
+    p.add_argument("model", type=Path, metavar="MODEL",
+                   help="a .keras/.tflite file, a SavedModel folder, or RUN/export")
+    p.add_argument("images", type=Path, nargs="+", metavar="IMAGE|DIR")
+    p.add_argument("--format", choices=FORMAT_NAMES, dest="model_format",
+                   help="which model of an export folder (default: int8, else tflite, keras)")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    p.set_defaults(func=cmd_predict)
+
+    ssh_help = (f"extra ssh option (repeatable), e.g. --ssh-option=-p2222; also read from "
+                f"${SSH_OPTS_ENV}")
+    p = subparsers.add_parser("promote", help="copy a run's export to a device as the current release")
+    p.add_argument("run_dir", type=Path, metavar="RUN", help="RUN or RUN/export")
+    p.add_argument("--to", required=True, metavar="DEST", help="a folder or [user@]host:/path")
+    p.add_argument("--keep", type=int, default=DEFAULT_KEEP, metavar="N",
+                   help=f"releases kept for rollback (default {DEFAULT_KEEP})")
+    p.add_argument("--force", action="store_true",
+                   help="promote even when worse than the current release (champion gate)")
+    p.add_argument("--ssh-option", action="append", default=[], metavar="OPT", help=ssh_help)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_promote)
+
+    p = subparsers.add_parser("rollback", help="switch a device back to its previous release")
+    p.add_argument("--to", required=True, metavar="DEST", help="a folder or [user@]host:/path")
+    p.add_argument("--ssh-option", action="append", default=[], metavar="OPT", help=ssh_help)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_rollback)
+
+
+def cmd_predict(args) -> int:
+    results = predict(args.model, args.images, args.model_format)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for r in results:
+            if "error" in r:
+                print(f"{r['image']}: ERROR {r['error']}")
+            elif r["label"] != r["top1"]:
+                print(f"{r['image']}: {r['label']} (best guess {r['top1']} "
+                      f"{r['probability']:.3f} < threshold {r['threshold']:.3f})")
+            else:
+                print(f"{r['image']}: {r['label']} {r['probability']:.3f}")
+    return 1 if any("error" in r for r in results) else 0
+
+
+def cmd_promote(args) -> int:
+    result = promote(args.run_dir, args.to, keep=args.keep, force=args.force,
+                     ssh_options=args.ssh_option)
+    if args.json:
+        print(json.dumps(result.__dict__, indent=2))
+        return 0
+    print(f"test {GATE_METRIC}: new {_fmt(result.new_metric)}, current "
+          f"{_fmt(result.current_metric)} ({result.previous or 'none'})")
+    if result.already_current:
+        print(f"{result.destination}: this export is already current ({result.release})")
+    else:
+        print(f"{result.destination}: current -> {RELEASES}/{result.release}")
+    if result.pruned:
+        print("removed old releases: " + ", ".join(result.pruned))
+    return 0
+
+
+def cmd_rollback(args) -> int:
+    old, new = rollback(args.to, ssh_options=args.ssh_option)
+    if args.json:
+        print(json.dumps({"from": old, "to": new}))
+    else:
+        print(f"{args.to}: current {old} -> {new}")
+    return 0
