@@ -100,7 +100,8 @@ def tiny_data(sample_data) -> TrialData:
     return TrialData(frame.reset_index(drop=True), sample_data.classes, sample_data.cache)
 
 
-# Stage 1 may run 3 epochs but is stopped after 1; stage 2 runs 2. Steps: 0, then 3 and 4.
+# Stage 1 may run 3 epochs but is stopped after 1; stage 2 runs 2. Epoch steps: 0, then 3
+# and 4 (plus the between-stages report at step 2).
 TRAINED_FIT = dict(max_epochs_stage1=3, max_epochs_stage2=2, patience=3, seed=SEED)
 
 
@@ -227,7 +228,8 @@ def test_batchnorm_statistics_never_move_and_only_unfrozen_kernels_do(trained):
         if key[0].startswith("head_"):
             continue
         np.testing.assert_array_equal(after_stage1[key], value, err_msg=str(key))
-    assert not np.array_equal(after_stage1[("head_probs", "kernel")], before[("head_probs", "kernel")])
+    head_kernel = ("head_probs", "kernel")
+    assert not np.array_equal(after_stage1[head_kernel], before[head_kernel])
 
     # Stage 2 moves the kernels above the freeze point and nothing below it.
     for name in ("conv_dw_10", "conv_pw_13"):
@@ -277,8 +279,9 @@ def test_real_faces_reach_far_above_chance_and_stage2_improves(datasets, mobilen
     """att_orl_faces: 40 people, 8 photos each; chance is 1/40 = 0.025.
 
     Measured on a busy 2-core CPU (seed 42): stage 1 best val balanced accuracy 0.675, stage 2
-    0.7625 (~25 s). Seeds 1-3 gave 0.69-0.71 and 0.80-0.84. With lr_stage2 = 1e-3 stage 2
-    wrecks the ImageNet features in its first epoch (0.29): fine-tuning needs ~1e-4.
+    0.7625 (val accuracy 0.73), 20-30 s. Seeds 1-3 gave 0.69-0.71 and 0.80-0.84. With
+    lr_stage2 = 1e-3 stage 2 wrecks the ImageNet features in its first epoch (0.29):
+    fine-tuning needs ~1e-4.
     """
     release()
     root = datasets / "att_orl_faces"

@@ -561,16 +561,13 @@ def _run_optuna_trial(study, trial, hypermodel, run: Run, hp_cls, fit) -> dict:
         study.tell(trial, state=TrialState.FAIL)
         raise  # every trial would fail the same way: stop with the message
     except KeyboardInterrupt:
-        study._storage.set_trial_system_attr(trial._trial_id, "fail_reason", "interrupted")
-        study.tell(trial, state=TrialState.FAIL)
-        requeue(study, trial.number, trial.params, int(trial.user_attrs.get("retries", 0)))
+        _interrupted(study, trial)
         raise
     except Exception as exc:  # noqa: BLE001 - one failed trial must not end the search
-        log.warning("trial %d failed: %s: %s", trial.number, type(exc).__name__, exc)
-        trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:500])
-        study.tell(trial, state=TrialState.FAIL)
-        return {"number": trial.number, "state": "FAIL", "params": params,
-                "error": f"{type(exc).__name__}: {exc}", "seconds": time.perf_counter() - start}
+        if _is_interrupt(exc):
+            _interrupted(study, trial)
+            raise KeyboardInterrupt from None
+        return _failed(study, trial, params, exc, start)
     metrics = result.metrics()
     trial.set_user_attr("metrics", metrics)
     trial.set_user_attr("history", result.history)
@@ -582,6 +579,32 @@ def _run_optuna_trial(study, trial, hypermodel, run: Run, hp_cls, fit) -> dict:
     study.tell(trial, value)
     return {"number": trial.number, "state": "COMPLETE", "params": params, "value": value,
             "metrics": metrics, "seconds": result.seconds}
+
+
+def _is_interrupt(exc: BaseException) -> bool:
+    """Ctrl-C inside TensorFlow's C++ code comes back wrapped in a RuntimeError."""
+    return "KeyboardInterrupt" in str(exc).split("\n", 1)[0]
+
+
+def _interrupted(study, trial) -> None:
+    """Ctrl-C: the cut-off trial is failed and its parameters queued for the resumed run."""
+    from optuna.trial import TrialState
+
+    study._storage.set_trial_system_attr(trial._trial_id, "fail_reason", "interrupted")
+    study.tell(trial, state=TrialState.FAIL)
+    requeue(study, trial.number, trial.params, int(trial.user_attrs.get("retries", 0)))
+
+
+def _failed(study, trial, params, exc: Exception, start: float) -> dict:
+    """Record a failed trial (one failure must not end the search) and say why in one line."""
+    from optuna.trial import TrialState
+
+    reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    log.warning("trial %d failed: %s", trial.number, reason)
+    trial.set_user_attr("error", reason[:500])
+    study.tell(trial, state=TrialState.FAIL)
+    return {"number": trial.number, "state": "FAIL", "params": params, "error": reason,
+            "seconds": time.perf_counter() - start}
 
 
 def optuna_trials_frame(study) -> pd.DataFrame:
@@ -729,8 +752,10 @@ def run_search(config: SearchConfig, on_trial: Callable[[dict], None] | None = N
     """Prepare the run directory, run the trials, write the results, retrain and report the best.
 
     `worker=True` is a process started by `--workers K`: it runs trials and leaves the results
-    to its parent. With a shared `--storage`, each machine runs this; only the worker that
-    sees the study finish (and wins the claim) retrains and reports, the others just stop.
+    to its parent. With a shared `--storage`, each machine runs this; every worker stays until
+    the study is finished (to take over the trial of one that dies), writes the tables, and
+    only the one whose trial finished the study retrains and reports the best
+    (`workers.claim_finalizer`).
     """
     from contextlib import nullcontext
 
@@ -762,10 +787,14 @@ def run_with_local_workers(config: SearchConfig, worker_argv: list[str]) -> Sear
     """`--workers K`: K processes share the run's journal (or --storage); this one finishes.
 
     The run directory is prepared here first, so the workers find config.json and split.csv
-    in place and never race to write them; the retrain and report run once, here.
+    in place and never race to write them; the retrain and report run once, here (with a
+    shared --storage: here or on the machine whose worker finished the study).
     """
     from .workers import run_local_workers
 
+    if config.engine != "optuna":
+        raise UsageError(f"--workers {config.workers} needs --engine optuna (KerasTuner's "
+                         f"{config.engine} oracle runs in one process)")
     with RunLock(config.run_dir):
         prepare(config)
         codes = run_local_workers(worker_argv, config.workers)
