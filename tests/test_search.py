@@ -91,7 +91,7 @@ def call(argv: list[str]) -> tuple[int, str, str]:
 def load_study(run: Path):
     import optuna
 
-    from tuner.search import open_storage
+    from tuner.storage import open_storage
 
     return optuna.load_study(study_name=STUDY,
                              storage=open_storage(f"journal:{run / 'study.journal'}"))
@@ -444,7 +444,7 @@ def _dead_pid() -> int:
 def _journal_study(path: Path):
     import optuna
 
-    from tuner.search import open_storage
+    from tuner.storage import open_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return optuna.create_study(study_name=STUDY, direction="maximize",
@@ -461,7 +461,7 @@ def _claim(study, trial, pid: int) -> None:
 def test_dead_worker_trial_is_failed_and_retried_at_most_max_retries(tmp_path):
     from optuna.trial import TrialState
 
-    from tuner.search import MAX_RETRIES, fail_dead_trials
+    from tuner.storage import MAX_RETRIES, fail_dead_trials
 
     study = _journal_study(tmp_path / "study.journal")
     dead = study.ask()
@@ -492,13 +492,13 @@ def test_orphaned_running_trial_is_failed_after_a_while(tmp_path, monkeypatch):
     """A worker killed between ask() and naming itself must not hold its slot forever."""
     from optuna.trial import TrialState
 
-    from tuner import search
+    from tuner import storage
 
     study = _journal_study(tmp_path / "study.journal")
     orphan = study.ask()
-    assert search.fail_dead_trials(study) == []  # just started: its worker may be writing
-    monkeypatch.setattr(search, "ORPHAN_SECONDS", 0)
-    assert search.fail_dead_trials(study) == [orphan.number]
+    assert storage.fail_dead_trials(study) == []  # just started: its worker may be writing
+    monkeypatch.setattr(storage, "ORPHAN_SECONDS", 0)
+    assert storage.fail_dead_trials(study) == [orphan.number]
     frozen = study.get_trials()[orphan.number]
     assert frozen.state == TrialState.FAIL
     assert "no worker" in frozen.system_attrs["fail_reason"]
@@ -512,13 +512,13 @@ def test_rdb_heartbeat_lets_a_dead_worker_trial_fail(tmp_path):
     import optuna
     from optuna.trial import TrialState
 
-    from tuner.search import _heartbeat, fail_dead_trials
+    from tuner.storage import fail_dead_trials, heartbeat
 
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'study.db'}",
                                          heartbeat_interval=1, grace_period=2)
     study = optuna.create_study(study_name=STUDY, storage=storage, direction="maximize")
     beaten, silent = study.ask(), study.ask()
-    with _heartbeat(study._storage, beaten._trial_id):
+    with heartbeat(study._storage, beaten._trial_id):
         time.sleep(0.2)
     # Past the grace period (SQLite's clock has whole seconds): the worker "died" after its beat.
     time.sleep(3.5)
@@ -543,13 +543,13 @@ def test_surplus_trial_steps_back(tmp_path, monkeypatch):
     study = search.open_study(config)
     other = study.ask()  # the other worker's trial, on the last slot
     _claim(study, other, os.getpid())
-    real, calls = search._running, []
+    real, calls = search.running_trials, []
 
     def racing(study):  # our check ran before the other worker's ask
         calls.append(1)
         return [] if len(calls) == 1 else real(study)
 
-    monkeypatch.setattr(search, "_running", racing)
+    monkeypatch.setattr(search, "running_trials", racing)
     run = search.Run(config, load_space(space), SimpleNamespace(classes=["a", "b"]))
     search.run_optuna(run)
     trials = load_study(config.run_dir).get_trials()

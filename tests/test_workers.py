@@ -37,6 +37,7 @@ import pytest
 
 from pg import postgres_server  # noqa: F401 - the session fixture
 from tuner import cli, search, workers
+from tuner import storage as tstorage
 
 REPO = Path(__file__).resolve().parents[1]
 PEOPLE = ("Colin_Powell", "Donald_Rumsfeld")
@@ -136,11 +137,11 @@ def test_workers_need_optuna(tmp_path, capsys):
 def test_postgres_urls_name_the_installed_driver():
     import importlib.util
 
-    assert search._driver_url("sqlite:///x.db") == "sqlite:///x.db"
-    assert search._driver_url("postgresql+psycopg://h/db") == "postgresql+psycopg://h/db"
+    assert tstorage._driver_url("sqlite:///x.db") == "sqlite:///x.db"
+    assert tstorage._driver_url("postgresql+psycopg://h/db") == "postgresql+psycopg://h/db"
     if importlib.util.find_spec("psycopg2") is not None:
-        assert search._driver_url("postgresql://u:p@h:5/db") == "postgresql+psycopg2://u:p@h:5/db"
-        assert search._driver_url("postgres://h/db") == "postgresql+psycopg2://h/db"
+        assert tstorage._driver_url("postgresql://u:p@h:5/db") == "postgresql+psycopg2://u:p@h:5/db"
+        assert tstorage._driver_url("postgres://h/db") == "postgresql+psycopg2://h/db"
 
 
 # -----------------------------------------------------------------------------------------------
@@ -165,15 +166,15 @@ def test_alive_judges_only_processes_it_can_see():
     dead.wait()
     ns = workers.process_namespace()
     boot, _, pidns = ns.partition("/")
-    assert search._alive("another-machine", dead.pid)  # heartbeats judge other machines
-    assert not search._alive(me, dead.pid)
-    assert not search._alive(me, dead.pid, ns)
-    assert search._alive(me, os.getpid(), ns)
+    assert tstorage._alive("another-machine", dead.pid)  # heartbeats judge other machines
+    assert not tstorage._alive(me, dead.pid)
+    assert not tstorage._alive(me, dead.pid, ns)
+    assert tstorage._alive(me, os.getpid(), ns)
     if pidns:  # another container of this host: its process ids mean nothing here
-        assert search._alive(me, dead.pid, f"{boot}/pid:[1]")
+        assert tstorage._alive(me, dead.pid, f"{boot}/pid:[1]")
     if boot:  # this machine rebooted since: dead, unless heartbeats can tell (same-name host?)
-        assert not search._alive(me, os.getpid(), f"other-boot/{pidns}")
-        assert search._alive(me, os.getpid(), f"other-boot/{pidns}", heartbeats=True)
+        assert not tstorage._alive(me, os.getpid(), f"other-boot/{pidns}")
+        assert tstorage._alive(me, os.getpid(), f"other-boot/{pidns}", heartbeats=True)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -185,7 +186,7 @@ def _journal_study(path: Path, name: str = "s"):
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return optuna.create_study(study_name=name, direction="maximize",
-                               storage=search.open_storage(f"journal:{path}"))
+                               storage=tstorage.open_storage(f"journal:{path}"))
 
 
 def _system_attrs(study) -> dict:
@@ -272,7 +273,7 @@ def test_workers_creating_one_study_on_a_fresh_database_do_not_race(postgres_ser
     outs = [p.communicate(timeout=120) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0 and "opened race" in out, err[-3000:]
-    storage = search.open_storage(url)
+    storage = tstorage.open_storage(url)
     assert optuna.get_all_study_names(storage) == ["race"]
     study = optuna.load_study(study_name="race", storage=storage)
     assert [t.state for t in study.trials] == [TrialState.WAITING]  # one baseline only
@@ -284,7 +285,7 @@ def test_bad_storage_url_fails_fast_with_one_message(postgres_server):
 
     start = time.monotonic()
     with pytest.raises(UsageError, match="cannot open"):
-        search.open_storage(f"postgresql://postgres@127.0.0.1:{postgres_server.port}/no_such_db")
+        tstorage.open_storage(f"postgresql://postgres@127.0.0.1:{postgres_server.port}/no_such_db")
     assert time.monotonic() - start < 10, "a wrong URL is not a race: no retries"
 
 
@@ -298,10 +299,10 @@ def test_heartbeat_fails_and_retries_a_silent_worker_on_another_machine(postgres
     url = postgres_server.fresh_db("hb")
     monkeypatch.setenv("PERSONCLF_HEARTBEAT_INTERVAL", "1")
     monkeypatch.setenv("PERSONCLF_GRACE_PERIOD", "2")
-    storage = search.open_storage(url)
+    storage = tstorage.open_storage(url)
     assert (storage.heartbeat_interval, storage.grace_period) == (1, 2)
     monkeypatch.delenv("PERSONCLF_GRACE_PERIOD")
-    assert search.open_storage(url).grace_period == search.GRACE_PERIOD == 30
+    assert tstorage.open_storage(url).grace_period == tstorage.GRACE_PERIOD == 30
 
     study = optuna.create_study(study_name="hb", storage=storage, direction="maximize")
     silent = study.ask()
@@ -314,13 +315,13 @@ def test_heartbeat_fails_and_retries_a_silent_worker_on_another_machine(postgres
     study._storage.set_trial_system_attr(beating._trial_id, "worker_host", "another-machine")
     study._storage.set_trial_system_attr(beating._trial_id, "worker_pid", 2)
 
-    with search._heartbeat(study._storage, silent._trial_id):
+    with tstorage.heartbeat(study._storage, silent._trial_id):
         time.sleep(0.1)  # it beat once, then its machine went away
-    assert search.fail_dead_trials(study) == []  # within the grace period
-    with search._heartbeat(study._storage, beating._trial_id):
+    assert tstorage.fail_dead_trials(study) == []  # within the grace period
+    with tstorage.heartbeat(study._storage, beating._trial_id):
         time.sleep(3.5)  # the other worker keeps beating past the grace period
-        assert search.fail_dead_trials(study) == [silent.number]
-        assert search.fail_dead_trials(study) == []  # nothing twice
+        assert tstorage.fail_dead_trials(study) == [silent.number]
+        assert tstorage.fail_dead_trials(study) == []  # nothing twice
     trials = study.get_trials()
     assert trials[silent.number].state == TrialState.FAIL
     assert "no heartbeat" in trials[silent.number].system_attrs["fail_reason"]
@@ -457,7 +458,7 @@ def test_three_workers_on_postgres_survive_a_kill(work, postgres_server):
         start(i, work.root / f"pg-{i}.log")
     logs = [w[2] for w in workers_]
     try:
-        storage = search.open_storage(url)
+        storage = tstorage.open_storage(url)
         victim = wait_for_running_trial(lambda: optuna.load_study(study_name="s", storage=storage),
                                         {w[0].pid: w[0] for w in workers_}, logs)
         v = next(i for i, w in enumerate(workers_) if w[0].pid == victim.system_attrs["worker_pid"])
@@ -475,7 +476,7 @@ def test_three_workers_on_postgres_survive_a_kill(work, postgres_server):
     for proc, _, log in survivors:
         assert proc.returncode == 0, _tail([log])
 
-    study = optuna.load_study(study_name="s", storage=search.open_storage(url))
+    study = optuna.load_study(study_name="s", storage=tstorage.open_storage(url))
     trials = study.get_trials()
     check_killed_and_retried(trials, victim, victim_proc.pid, TRIALS)
 
@@ -542,7 +543,7 @@ def test_local_workers_on_a_journal_survive_a_kill(work):
         if not journal.exists():
             raise KeyError("no journal yet")
         return optuna.load_study(study_name="personclf",
-                                 storage=search.open_storage(f"journal:{journal}"))
+                                 storage=tstorage.open_storage(f"journal:{journal}"))
 
     children: list[int] = []
     with open(log, "w") as fh:
