@@ -7,6 +7,7 @@ Nothing is ever written into it.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -55,3 +56,12 @@ def keras_home(weights_dir: Path, tmp_path_factory) -> Path:
 def sample_dir() -> Path:
     """The small credited sample bundled in the repo (always present)."""
     return REPO / "sample" / "lfw_mini"
+
+
+def copy_people(src: Path, dst: Path, people, n: int) -> Path:
+    """The first `n` images (by name) of each folder in `people` copied into dst/<person>/."""
+    for person in people:
+        (dst / person).mkdir(parents=True, exist_ok=True)
+        for f in sorted((src / person).iterdir())[:n]:
+            shutil.copy2(f, dst / person / f.name)
+    return dst

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import copy_people
 from tuner import cli
 from tuner.report import PARAM_COLUMNS
 
@@ -49,15 +50,6 @@ hyperparameters:
   augment: {choice: [0.0, 0.5]}
   batch_size: 32
 """
-
-
-def copy_people(src: Path, dst: Path, people, n: int) -> Path:
-    """The first `n` images (by name) of each folder in `people` copied into dst/<person>/."""
-    for person in people:
-        (dst / person).mkdir(parents=True, exist_ok=True)
-        for f in sorted((src / person).iterdir())[:n]:
-            shutil.copy2(f, dst / person / f.name)
-    return dst
 
 
 @pytest.fixture(scope="module")

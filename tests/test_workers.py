@@ -23,7 +23,6 @@ import io
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -35,6 +34,7 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
+from conftest import copy_people
 from pg import postgres_server  # noqa: F401 - the session fixture
 from tuner import cli, search, workers
 from tuner import storage as tstorage
@@ -333,14 +333,6 @@ def test_heartbeat_fails_and_retries_a_silent_worker_on_another_machine(postgres
 
 # -----------------------------------------------------------------------------------------------
 # Real runs
-
-
-def copy_people(src: Path, dst: Path, people, n: int) -> Path:
-    for person in people:
-        (dst / person).mkdir(parents=True, exist_ok=True)
-        for f in sorted((src / person).iterdir())[:n]:
-            shutil.copy2(f, dst / person / f.name)
-    return dst
 
 
 @pytest.fixture(scope="module")
