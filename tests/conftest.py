@@ -23,6 +23,22 @@ def _need(path: Path) -> Path:
     return path
 
 
+# The search space of the tests that run real searches: MobileNet 0.25 at 96 px (the shared
+# weights), learning rates high enough that one epoch moves the head away from uniform
+# predictions, so the Unknown threshold and the metrics are not all trivially equal.
+TINY_SPACE = """\
+backbones:
+  MobileNet: {input_size: [96], alpha: [0.25], freeze_block: [6, 12]}
+hyperparameters:
+  dense_units: {choice: [0, 64]}
+  dropout: {float: [0.0, 0.4]}
+  lr_stage1: {float: [3.0e-3, 2.0e-2], sampling: log}
+  lr_stage2: {float: [1.0e-5, 1.0e-4], sampling: log}
+  augment: {choice: [0.0, 0.5]}
+  batch_size: 32
+"""
+
+
 @pytest.fixture(scope="session")
 def shared() -> Path:
     return _need(SHARED)

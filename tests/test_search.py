@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import copy_people
+from conftest import TINY_SPACE, copy_people
 from tuner import cli
 from tuner.report import PARAM_COLUMNS
 
@@ -37,19 +37,6 @@ FILES = ("config.json", "split.csv", "study.journal", "cache", "trials.csv", "le
          "backbones.md", "history.png", "importances.png")
 BEST_FILES = ("model.keras", "manifest.json", "labels.txt", "test_report.json",
               "test_report.txt", "confusion_matrix.png")
-# Learning rates high enough that one epoch moves the head away from uniform predictions, so
-# the Unknown threshold and the metrics are not all trivially equal.
-TINY_SPACE = """\
-backbones:
-  MobileNet: {input_size: [96], alpha: [0.25], freeze_block: [6, 12]}
-hyperparameters:
-  dense_units: {choice: [0, 64]}
-  dropout: {float: [0.0, 0.4]}
-  lr_stage1: {float: [3.0e-3, 2.0e-2], sampling: log}
-  lr_stage2: {float: [1.0e-5, 1.0e-4], sampling: log}
-  augment: {choice: [0.0, 0.5]}
-  batch_size: 32
-"""
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
-from conftest import copy_people
+from conftest import TINY_SPACE, copy_people
 from pg import postgres_server  # noqa: F401 - the session fixture
 from tuner import cli, search, workers
 from tuner import storage as tstorage
@@ -44,17 +44,6 @@ PEOPLE = ("Colin_Powell", "Donald_Rumsfeld")
 PER_CLASS = 12
 TRIALS = 4
 STARTERS = 4  # processes creating one study at once
-TINY_SPACE = """\
-backbones:
-  MobileNet: {input_size: [96], alpha: [0.25], freeze_block: [6, 12]}
-hyperparameters:
-  dense_units: {choice: [0, 64]}
-  dropout: {float: [0.0, 0.4]}
-  lr_stage1: {float: [3.0e-3, 2.0e-2], sampling: log}
-  lr_stage2: {float: [1.0e-5, 1.0e-4], sampling: log}
-  augment: {choice: [0.0, 0.5]}
-  batch_size: 32
-"""
 TINY_SPACE_NO_TF = """\
 backbones:
   MobileNet: {input_size: [96], alpha: [0.25]}
