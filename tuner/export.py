@@ -898,12 +898,16 @@ def format_table(manifest: dict) -> str:
     from tabulate import tabulate
 
     rows = []
+    parity = manifest.get("parity", {})
+    floor = parity.get("min_agreement")
     for name, e in manifest["formats"].items():
         m = e.get("metrics", {})
+        status = e.get("status", "")
+        if floor is not None and m.get("agreement") is not None and m["agreement"] < floor:
+            status = f"agreement below {floor:g}"  # built, but failed parity
         rows.append([name, e.get("file") or "-", human_size(e.get("size_bytes")),
                      _num(m.get("accuracy")), _num(m.get("agreement")),
-                     _num(m.get("latency_ms"), ".2f"), e.get("status", "")])
-    parity = manifest.get("parity", {})
+                     _num(m.get("latency_ms"), ".2f"), status])
     lines = [tabulate(rows, headers=["format", "file", "size", "accuracy", "agreement",
                                      "CPU ms/image", "status"], tablefmt="github"),
              f"test split: {parity.get('n', 0)} images; accuracy includes the Unknown "
