@@ -81,3 +81,11 @@ def copy_people(src: Path, dst: Path, people, n: int) -> Path:
         for f in sorted((src / person).iterdir())[:n]:
             shutil.copy2(f, dst / person / f.name)
     return dst
+
+
+def tiny_search_dir(root: Path, sample_dir: Path, people, per_class: int) -> tuple[Path, Path]:
+    """A small dataset (the sample's first images of `people` and Unknown) and TINY_SPACE, under root."""
+    data = copy_people(sample_dir, root / "data", (*people, "Unknown"), per_class)
+    space = root / "tiny.yaml"
+    space.write_text(TINY_SPACE)
+    return data, space

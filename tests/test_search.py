@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import TINY_SPACE, copy_people
+from conftest import TINY_SPACE, copy_people, tiny_search_dir
 from tuner import cli
 from tuner.report import PARAM_COLUMNS
 
@@ -43,9 +43,7 @@ BEST_FILES = ("model.keras", "manifest.json", "labels.txt", "test_report.json",
 def work(tmp_path_factory, sample_dir, mobilenet_025_weights):
     """A temporary working directory with the small dataset and the tiny search space."""
     root = tmp_path_factory.mktemp("search")
-    data = copy_people(sample_dir, root / "data", (*PEOPLE, "Unknown"), PER_CLASS)
-    space = root / "tiny.yaml"
-    space.write_text(TINY_SPACE)
+    data, space = tiny_search_dir(root, sample_dir, PEOPLE, PER_CLASS)
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
         mp.setenv("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -534,3 +532,34 @@ def test_surplus_trial_steps_back(tmp_path, monkeypatch):
     trials = load_study(config.run_dir).get_trials()
     assert [t.state for t in trials] == [TrialState.RUNNING, TrialState.FAIL]
     assert trials[1].system_attrs["fail_reason"] == "surplus"
+
+
+def test_a_trial_failed_by_another_worker_is_dropped_not_fatal(tmp_path, monkeypatch):
+    """Another worker failed our trial (we missed the grace period): its late result is dropped."""
+    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.trial import TrialState
+
+    from tuner import search
+    from tuner.config import SearchConfig
+    from tuner.space import load_space
+
+    space = tmp_path / "tiny.yaml"
+    space.write_text(TINY_SPACE)
+    config = SearchConfig(data_dir=tmp_path, run_dir=tmp_path / "RUN", trials=1, space=space)
+    config.run_dir.mkdir()
+    calls = []
+
+    def failed_elsewhere(study, trial, *args):
+        calls.append(trial.number)
+        if len(calls) == 1:  # the other worker fails it, then our tell comes too late
+            study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+            raise UpdateFinishedTrialError("trial already finished")
+        study.tell(trial, 0.5)
+        return {"number": trial.number, "state": "COMPLETE"}
+
+    monkeypatch.setattr(search, "_run_optuna_trial", failed_elsewhere)
+    run = search.Run(config, load_space(space), SimpleNamespace(classes=["a", "b"]))
+    search.run_optuna(run)
+    states = [t.state for t in load_study(config.run_dir).get_trials()]
+    assert calls == [0, 1]
+    assert states == [TrialState.FAIL, TrialState.COMPLETE]

@@ -34,7 +34,7 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
-from conftest import TINY_SPACE, copy_people
+from conftest import tiny_search_dir
 from pg import postgres_server  # noqa: F401 - the session fixture
 from tuner import cli, search, workers
 from tuner import storage as tstorage
@@ -327,9 +327,7 @@ def test_heartbeat_fails_and_retries_a_silent_worker_on_another_machine(postgres
 @pytest.fixture(scope="module")
 def work(tmp_path_factory, sample_dir, mobilenet_025_weights):
     root = tmp_path_factory.mktemp("workers")
-    data = copy_people(sample_dir, root / "data", (*PEOPLE, "Unknown"), PER_CLASS)
-    space = root / "tiny.yaml"
-    space.write_text(TINY_SPACE)
+    data, space = tiny_search_dir(root, sample_dir, PEOPLE, PER_CLASS)
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     for name in ("PERSONCLF_WORKER", workers.GROUP_ENV, "PERSONCLF_GRACE_PERIOD",

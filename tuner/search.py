@@ -243,7 +243,7 @@ def run_optuna(run: Run, on_trial: Callable[[dict], None] | None = None,
 
     from .hypermodel import PersonHyperModel
     from .space import OptunaHP
-    from .trial import release, run_two_stages
+    from .trial import run_two_stages
     from .workers import GROUP_ATTR, process_namespace, worker_group
 
     cfg = run.config
@@ -284,14 +284,14 @@ def run_optuna(run: Run, on_trial: Callable[[dict], None] | None = None,
             try:
                 row = _run_optuna_trial(study, trial, hypermodel, run, OptunaHP, run_two_stages)
             except (optuna.exceptions.UpdateFinishedTrialError, ValueError):
-                if not storage.get_trial(trial._trial_id).state.isfinished_count():
+                if not storage.get_trial(trial._trial_id).state.is_finished():
                     raise
                 # Another worker failed it while it ran (no heartbeat for the grace period:
                 # a stalled machine or a lost database connection); its retry runs elsewhere.
                 log.warning("trial %d was failed by another worker while it ran; dropping "
                             "its result", trial.number)
                 row = None
-        release()
+        # No release() here: PersonHyperModel.build frees the previous trial's graph first.
         if on_trial is not None and row is not None:
             on_trial(row)
     return study
@@ -555,9 +555,8 @@ def run_with_local_workers(config: SearchConfig, worker_argv: list[str]) -> Sear
         raise UsageError(f"--workers {config.workers} needs --engine optuna (KerasTuner's "
                          f"{config.engine} oracle runs in one process)")
     with RunLock(config.run_dir):
-        prepare(config)
+        run = prepare(config)  # reused after the workers: split.csv and config are settled
         codes = run_local_workers(worker_argv, config.workers)
-        run = prepare(config)
         study = open_study(config)
         fail_dead_trials(study)
         if finished_count(study) < config.trials:
