@@ -1,8 +1,9 @@
 """Benchmark: the same search twice, naive and fast, in one invocation.
 
-naive: no caches (every trial decodes its images), stage 1 trains through the frozen
-backbone every epoch, no pruning. fast: decoded-image cache, stage-1 feature cache, pruning
-(including between the stages). Same seed, space, data and trial count. Each mode runs in its
+naive: no caches (every trial decodes its images), both stages train through the whole
+model every epoch, no pruning. fast: decoded-image cache, stage-1 features and stage-2
+activations at the freeze point cached (tuner.features), pruning (including between the
+stages). Same seed, space, data and trial count. Each mode runs in its
 own process so peak memory is measured per mode.
 
     python benchmarks/search_speed.py [--data DIR] [--trials 8] [--max-epochs 5]
@@ -48,13 +49,14 @@ def run_mode(args) -> dict:
         split=SplitConfig(seed=args.seed),
         fit=FitConfig(max_epochs_stage1=args.max_epochs, max_epochs_stage2=args.max_epochs,
                       patience=args.patience, seed=args.seed, weights=args.weights))
-    rss, peaks, states = [], [], []
+    rss, peaks, states, rows = [], [], [], []
 
     def on_trial(row: dict) -> None:
         current, peak = rss_mb()
         rss.append(round(current, 1))
         peaks.append(round(peak, 1))
         states.append(row["state"])
+        rows.append({k: v for k, v in row.items() if isinstance(v, (int, float, str))})
         print(f"[{args.mode}] trial {row['number']} {row['state']} "
               f"{row.get('value', float('nan')):.4f} {row['seconds']:.0f}s rss {current:.0f} MiB",
               flush=True)
@@ -67,7 +69,7 @@ def run_mode(args) -> dict:
             "trials": len(states), "states": states,
             "trials_per_hour": round(len(states) / seconds * 3600, 1),
             "best_val_balanced_accuracy": float(done["val_balanced_accuracy"].max()),
-            "rss_mb": rss, "peak_rss_mb": peaks}
+            "rss_mb": rss, "peak_rss_mb": peaks, "trial_rows": rows}
 
 
 def main() -> int:

@@ -145,6 +145,18 @@ def test_imagenet_weights_unavailable_offline(data, tmp_path, monkeypatch, capsy
     assert len(trials) == 2 and ",FAIL," in trials[1]
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("--cache-views", "0", "--cache-views 0: must be at least 1"),
+    ("--cache-memory-mb", "-1", "--cache-memory-mb -1: must be 0 or more"),
+])
+def test_bad_cache_flags(data, space, tmp_path, capsys, flag, value, message):
+    run = tmp_path / "RUN"
+    assert cli.main(["--data", str(data), "--space", str(space), flag, value,
+                     "--output", str(run)]) == 2
+    assert message in error_line(capsys)
+    assert not run.exists()
+
+
 def test_bad_choice_is_argparse_usage(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["--engine", "grid"])

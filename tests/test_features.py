@@ -1,4 +1,4 @@
-"""The stage-1 feature cache: computed once per backbone setting, reused, and as good as the naive path."""
+"""The activation caches: computed once per backbone setting, reused, and as good as the naive path."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,10 +8,11 @@ import pytest
 
 from tuner.config import FitConfig, ScanConfig, SplitConfig, TrialParams
 from tuner.data import scan, split
-from tuner.features import FeatureCache, feature_extractor
-from tuner.hypermodel import build_model
+from tuner import backbones
+from tuner.features import FeatureCache, feature_extractor, split_at
+from tuner.hypermodel import base_of, build_model
 from tuner.pipeline import ImageCache
-from tuner.trial import TrialData, release, run_two_stages
+from tuner.trial import TrialData, release, run_two_stages, score
 
 PARAMS = TrialParams(backbone="MobileNet", alpha=0.25, input_size=96, dense_units=0, dropout=0.1,
                      l2=1e-5, label_smoothing=0.0, lr_stage1=3e-3, lr_stage2=1e-4,
@@ -66,3 +67,77 @@ def test_augmented_views_differ_and_train(orl, mobilenet_025_weights):
     assert feats.train.shape[0] == 3
     assert not np.allclose(feats.train[0], feats.train[1])  # each view is a new augmentation draw
     assert result.stage1_best > 10 / 40
+
+
+# --- stage 2 on cached activations at the freeze point ------------------------------------
+
+STAGE2 = FitConfig(max_epochs_stage1=4, max_epochs_stage2=6, patience=6)
+
+
+def _two_stages(orl, weights, features: FeatureCache | None, params: TrialParams = PARAMS):
+    split_df, classes, root = orl
+    data = TrialData(split_df, classes, ImageCache(root), features=features)
+    cfg = FitConfig(**{**STAGE2.__dict__, "weights": str(weights)})
+    release()
+    model = build_model(params, len(classes), cfg.weights, seed=cfg.seed)
+    return run_two_stages(model, params, data, cfg), model, data
+
+
+def test_cut_at_the_freeze_point_reproduces_the_model():
+    """prefix -> suffix is the whole model, prefix -> pooled is the stage-1 features; a cut
+    inside a residual block, or with nothing frozen, is refused."""
+    params = TrialParams(backbone="MobileNetV2", alpha=1.0, input_size=96, freeze_block=12)
+    model = build_model(params, 5, None, seed=1)
+    base = base_of(model)
+    spec = backbones.get("MobileNetV2")
+    x = np.random.default_rng(0).uniform(0, 255, (4, 96, 96, 3)).astype(np.float32)
+    for block in (12, 16):
+        cut = split_at(model, backbones.first_trainable(base, spec, block))
+        assert cut is not None
+        acts = cut.prefix(x, training=False)
+        np.testing.assert_allclose(np.asarray(cut.suffix(acts, training=False)),
+                                   np.asarray(model(x, training=False)), atol=1e-5)
+        np.testing.assert_allclose(np.asarray(cut.pooled(acts)),
+                                   np.asarray(feature_extractor(model)(x)), atol=1e-4)
+    inside = [layer.name for layer in base.layers].index("block_12_depthwise")
+    assert split_at(model, inside) is None  # block_12_add reads block_11's output across it
+    assert split_at(model, 0) is None
+
+
+def test_stage2_on_cached_activations_matches_the_naive_path(orl, mobilenet_025_weights):
+    naive, *_ = _two_stages(orl, mobilenet_025_weights, None)
+    cache = FeatureCache(None)
+    fast, model, data = _two_stages(orl, mobilenet_025_weights, cache)
+    assert cache.computed == 1  # one pass over the images: pooled features derive from it
+    chance = 1 / 40
+    assert naive.epochs_stage2 > 0 and fast.epochs_stage2 > 0
+    assert fast.stage2_best > 10 * chance and naive.stage2_best > 10 * chance
+    assert abs(fast.stage2_best - naive.stage2_best) < 0.1, (naive.stage2_best, fast.stage2_best)
+    # The suffix trained the full model's own layers: the model scores what the trial reported.
+    val = data.arrays("val", PARAMS.input_size)
+    probs = model.predict(val.x.astype(np.float32), verbose=0)
+    assert abs(score(val.y, probs)["balanced_accuracy"] - fast.best["val_balanced_accuracy"]) < 1e-6
+
+
+def test_deeper_freeze_points_derive_from_the_shallowest(orl, mobilenet_025_weights):
+    cache = FeatureCache(None, anchor_blocks={"MobileNet": 8})
+    for block in (12, 10):
+        params = TrialParams(**{**PARAMS.to_dict(), "freeze_block": block})
+        result, model, data = _two_stages(orl, mobilenet_025_weights, cache, params)
+        assert result.epochs_stage2 > 0
+    assert cache.computed == 1  # the anchor at block 8; blocks 10 and 12 came from it
+    # Derived activations equal a direct pass (float16 storage).
+    base = base_of(model)
+    cut = split_at(model, backbones.first_trainable(base, backbones.get("MobileNet"), 10))
+    setting = cache.setting(params, FitConfig(**{**STAGE2.__dict__,
+                                                 "weights": str(mobilenet_025_weights)}), data)
+    derived = cache._memory[cache.key(setting, cut.layer)].val
+    direct = cut.prefix.predict(data.arrays("val", 96).x.astype(np.float32), verbose=0)
+    np.testing.assert_allclose(derived.astype(np.float32), direct, rtol=0.02, atol=0.02)
+
+
+def test_activations_over_the_memory_budget_train_through_the_model(orl, mobilenet_025_weights):
+    cache = FeatureCache(None, memory_mb=0.5)
+    result, *_ = _two_stages(orl, mobilenet_025_weights, cache)
+    assert result.epochs_stage2 > 0 and result.stage2_best > 10 / 40
+    assert cache.computed == 1  # only the pooled features, from the images

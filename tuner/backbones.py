@@ -292,6 +292,14 @@ def _keras_models_dir() -> Path:
     return Path(home) / "models"
 
 
+def first_trainable(base: keras.Model, spec: BackboneSpec, freeze_block: int) -> int:
+    """Index in `base.layers` of the first layer stage 2 trains at this freeze depth."""
+    points = spec.freeze_points(base)
+    if not 0 <= freeze_block <= len(points):
+        raise UsageError(f"freeze_block {freeze_block} for {spec.name}: choose 0..{len(points)}")
+    return points[freeze_block - 1] if freeze_block else 0
+
+
 def set_freeze(base: keras.Model, spec: BackboneSpec, freeze_block: int) -> int:
     """Unfreeze `base` for stage 2, keeping its first `freeze_block` blocks frozen.
 
@@ -301,10 +309,7 @@ def set_freeze(base: keras.Model, spec: BackboneSpec, freeze_block: int) -> int:
     only the last block. BatchNormalization layers stay frozen everywhere: on small datasets
     their statistics would drift. Returns the index of the first trainable layer.
     """
-    points = spec.freeze_points(base)
-    if not 0 <= freeze_block <= len(points):
-        raise UsageError(f"freeze_block {freeze_block} for {spec.name}: choose 0..{len(points)}")
-    first = points[freeze_block - 1] if freeze_block else 0
+    first = first_trainable(base, spec, freeze_block)
     base.trainable = True
     for i, layer in enumerate(base.layers):
         layer.trainable = i >= first and not isinstance(layer, keras.layers.BatchNormalization)

@@ -76,6 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run K worker processes on this machine against one study "
                         "(one GPU each, round-robin, when GPUs are visible)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--no-cache", action="store_true",
+                   help="train every trial through the whole model, decoding its images "
+                        "(the naive loop; for comparisons)")
+    p.add_argument("--cache-views", type=int, default=4, metavar="K",
+                   help="augmented views of each training image in the activation caches")
+    p.add_argument("--cache-memory-mb", type=float, default=2048, metavar="MB",
+                   help="memory for cached activations; a freeze depth that needs more trains "
+                        "stage 2 through the whole model")
     _add_training_flags(p)
     _add_scan_flags(p)
     p.add_argument("--val-fraction", type=float, default=0.16)
@@ -166,7 +174,8 @@ def search_config(args: argparse.Namespace):
         backbones=tuple(b.strip() for b in args.backbones.split(",") if b.strip()),
         engine=args.engine, storage=args.storage, study_name=args.study_name,
         pruning=not args.no_pruning, retrain_best=not args.no_retrain,
-        workers=args.workers, scan=scan_cfg,
+        workers=args.workers, fast=not args.no_cache, feature_views=args.cache_views,
+        cache_memory_mb=args.cache_memory_mb, scan=scan_cfg,
         split=SplitConfig(args.val_fraction, args.test_fraction, args.seed), fit=fit)
 
 

@@ -153,10 +153,12 @@ class SearchConfig:
     pruning: bool = True
     retrain_best: bool = True
     workers: int = 1
-    # Reuse work across trials: decoded images and stage-1 backbone features are computed once
-    # (see tuner.features). False is the naive loop, kept for the speed benchmark.
+    # Reuse work across trials: decoded images, stage-1 backbone features and stage-2
+    # activations at the freeze point are computed once (see tuner.features), and trials are
+    # pruned between the stages. False is the naive loop, kept for the speed benchmark.
     fast: bool = True
     feature_views: int = 4
+    cache_memory_mb: float = 2048  # in-memory budget for cached activations
     scan: ScanConfig | None = None
     split: SplitConfig = field(default_factory=SplitConfig)
     fit: FitConfig = field(default_factory=FitConfig)
@@ -174,6 +176,10 @@ class SearchConfig:
             raise UsageError(f"--engine {self.engine!r}: choose one of {', '.join(ENGINES)}")
         if self.workers < 1:
             raise UsageError(f"--workers {self.workers}: must be at least 1")
+        if self.feature_views < 1:
+            raise UsageError(f"--cache-views {self.feature_views}: must be at least 1")
+        if self.cache_memory_mb < 0:
+            raise UsageError(f"--cache-memory-mb {self.cache_memory_mb:g}: must be 0 or more")
         if self.storage and self.engine != "optuna":
             raise UsageError("--storage only applies to --engine optuna")
 
@@ -186,7 +192,7 @@ class SearchConfig:
         d["data_dir"] = str(self.data_dir.resolve())
         d["space"] = str(self.space.resolve())
         d["scan"]["data_dir"] = d["data_dir"]
-        for key in ("trials", "workers", "retrain_best", "run_dir"):
+        for key in ("trials", "workers", "retrain_best", "run_dir", "cache_memory_mb"):
             d.pop(key)
         d["fit"].pop("verbose")
         return _jsonable(d)

@@ -1,4 +1,4 @@
-"""Stage-1 feature cache: run the frozen backbone once, train every trial's head on its output.
+"""Activation caches: run the frozen part of the backbone once, train every trial on its output.
 
 In stage 1 the backbone is frozen and in inference mode, so its pooled output for a given
 image (and augmentation draw) never changes: a naive search pays a full backbone forward pass
@@ -6,8 +6,14 @@ per image per epoch per trial for numbers it has already computed. Here the pool
 of K augmented views of every training image (one view when augmentation is off) and of the
 validation images are computed once per (backbone, alpha, input size, weights, augmentation,
 split) and kept in memory and under `RUN/cache/`; stage 1 then trains the trial's own head
-layers (shared with the full model) on them, one view per epoch, and stage 2 continues on the
-full model with that head.
+layers (shared with the full model) on them, one view per epoch.
+
+Stage 2 is the same idea one level down: below the freeze depth the backbone stays frozen
+(BatchNormalization included), so the activations at the freeze point are cached too (same K
+views, keyed also by the freeze point) and stage 2 trains only the suffix above it and the
+head, sharing their layers with the full model, which ends up with the trained weights. The
+activations are kept as float16 within a memory budget; a freeze point whose activations do
+not fit (large inputs, early freeze points, big datasets) trains through the full model.
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import keras
 import numpy as np
@@ -28,47 +35,161 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Features:
-    """Pooled backbone features: train views (K, N, D) and validation (N, D)."""
+    """Cached activations: train views (K, N, ...) and validation (N, ...)."""
 
     train: np.ndarray
     val: np.ndarray
 
+    @property
+    def nbytes(self) -> int:
+        return self.train.nbytes + self.val.nbytes
+
+
+@dataclass(frozen=True)
+class Cut:
+    """A model split at its stage-2 freeze point; every part shares the model's layers."""
+
+    prefix: keras.Model  # image -> activations at the freeze point (all frozen)
+    suffix: keras.Model  # activations -> class probabilities (what stage 2 trains)
+    pooled: keras.Model  # activations -> pooled backbone features (stage 1's input)
+    base: keras.Model  # the backbone the cut is in
+    index: int  # of its first trainable layer
+    layer: str  # that layer's name
+
+    def middle(self, earlier: "Cut") -> keras.Model | None:
+        """Activations at `earlier` (a shallower cut) -> activations here; None if no clean path."""
+        try:
+            return keras.Model(_cut_tensor(self.base, earlier.layer),
+                               _cut_tensor(self.base, self.layer))
+        except (ValueError, KeyError, TypeError):
+            return None
+
+
+@dataclass(frozen=True)
+class TrialInputs:
+    """What a fast trial trains on: pooled features for stage 1 and, where the freeze point
+    allows, the suffix model and its cached activations for stage 2."""
+
+    pooled: Features
+    suffix: keras.Model | None = None
+    activations: Features | None = None
+
 
 class FeatureCache:
-    """Features per backbone setting, in memory (newest few) and optionally on disk."""
+    """Activations per backbone setting, in memory (newest first, within a budget) and on disk.
 
-    def __init__(self, cache_dir: Path | None = None, views: int = 4, keep_in_memory: int = 4):
+    Computing activations means a full forward pass over every view of every training image,
+    the one expensive step, so it is done once per backbone setting: at the shallowest freeze
+    point of the search space (`anchor_blocks`) where that fits the budget, else at the first
+    one a trial asks for. A deeper freeze point is derived from those activations through the
+    frozen layers between the two, and stage 1's pooled features through the frozen rest of
+    the backbone.
+    """
+
+    def __init__(self, cache_dir: Path | None = None, views: int = 4, memory_mb: float = 2048,
+                 anchor_blocks: dict[str, int] | None = None):
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.views = views
-        self.keep_in_memory = keep_in_memory
+        self.memory_bytes = memory_mb * 2**20
+        # Per backbone, the shallowest freeze depth the search space allows: activations
+        # computed there serve every deeper freeze depth the trials pick.
+        self.anchor_blocks = dict(anchor_blocks or {})
         self._memory: dict[str, Features] = {}
-        self.computed = 0  # feature sets computed (not loaded); tests and the benchmark read it
-
-    def key(self, params: TrialParams, cfg: FitConfig, split_key: str) -> str:
-        views = self.views_for(params)
-        text = (f"{params.backbone}|{params.alpha}|{params.input_size}|{cfg.weights}|"
-                f"{round(params.augment, 4)}|{views}|{cfg.seed}|{split_key}")
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        self._anchors: dict[str, tuple[Cut, str]] = {}  # setting -> (cut, key) computed from images
+        self._too_big: set[str] = set()
+        self.computed = 0  # sets computed from images (not derived or loaded); tests read it
 
     def views_for(self, params: TrialParams) -> int:
         return self.views if params.augment > 0 else 1
 
-    def get(self, model: keras.Model, params: TrialParams, data, cfg: FitConfig) -> Features:
-        """Features for this trial's backbone setting, computing them with `model` if needed."""
-        from .pipeline import ImageCache
+    def setting(self, params: TrialParams, cfg: FitConfig, data) -> str:
+        """Everything the frozen activations depend on, except where the backbone is cut."""
+        return (f"{params.backbone}|{params.alpha}|{params.input_size}|{cfg.weights}|"
+                f"{round(params.augment, 4)}|{self.views_for(params)}|{cfg.seed}|"
+                f"{_split_key(data)}")
 
-        split_key = ImageCache.key(data.split.sort_values("path"))
-        key = self.key(params, cfg, split_key)
+    @staticmethod
+    def key(setting: str, cut: str = "pool") -> str:
+        return hashlib.sha256(f"{setting}|{cut}".encode()).hexdigest()[:16]
+
+    def for_trial(self, model: keras.Model, params: TrialParams, data, cfg: FitConfig,
+                  first: int | None = None) -> TrialInputs:
+        """Stage-1 features, plus stage-2 activations when `first` (the first trainable
+        backbone layer) gives a clean cut whose activations fit the memory budget."""
+        setting = self.setting(params, cfg, data)
+        cut = split_at(model, first) if first else None
+        if cut is not None and setting not in self._anchors:
+            self._compute_anchor(model, cut, setting, params, data, cfg)
+        acts = self._activations(cut, setting, params, data, cfg) if cut else None
+        pooled_key = self.key(setting)
+        if acts is not None:
+            pooled = self._get(pooled_key, lambda: _derive(cut.pooled, acts, np.float32))
+            return TrialInputs(pooled, cut.suffix, acts)
+        pooled = self._get(pooled_key, lambda: self._from_images(
+            feature_extractor(model), params, data, cfg, np.float32))
+        return TrialInputs(pooled)
+
+    def get(self, model: keras.Model, params: TrialParams, data, cfg: FitConfig) -> Features:
+        """Pooled backbone features for stage 1."""
+        return self.for_trial(model, params, data, cfg).pooled
+
+    def _activations(self, cut: Cut, setting: str, params: TrialParams, data,
+                     cfg: FitConfig) -> Features | None:
+        key = self.key(setting, cut.layer)
+        if key in self._too_big:
+            return None
+        rows = self.views_for(params) * int((data.split["split"] == "train").sum()) \
+            + int((data.split["split"] == "val").sum())
+        size = rows * math.prod(cut.prefix.output.shape[1:]) * 2  # float16
+        if size > self.memory_bytes:
+            log.info("stage-2 activations at %s would take %.0f MiB (budget %.0f): stage 2 runs "
+                     "through the full model", cut.layer, size / 2**20, self.memory_bytes / 2**20)
+            self._too_big.add(key)
+            return None
+        anchor = self._anchors.get(setting)
+        middle = None
+        if anchor is not None and anchor[0].index < cut.index and anchor[1] in self._memory:
+            middle = cut.middle(anchor[0])
+        if middle is not None:
+            source = self._memory[anchor[1]]
+            return self._get(key, lambda: _derive(middle, source, np.float16))
+        feats = self._get(key, lambda: self._from_images(cut.prefix, params, data, cfg,
+                                                          np.float16))
+        if anchor is None or cut.index < anchor[0].index:
+            self._anchors[setting] = (cut, key)
+        return feats
+
+    def _compute_anchor(self, model: keras.Model, cut: Cut, setting: str, params: TrialParams,
+                        data, cfg: FitConfig) -> None:
+        """Activations at the space's shallowest freeze point, when shallower than `cut`."""
+        from . import backbones
+        from .hypermodel import base_of
+
+        block = self.anchor_blocks.get(params.backbone, 0)
+        if not 0 < block < params.freeze_block:
+            return
+        spec = backbones.get(params.backbone)
+        anchor = split_at(model, backbones.first_trainable(base_of(model), spec, block))
+        if anchor is not None:
+            self._activations(anchor, setting, params, data, cfg)
+
+    def _from_images(self, extractor: keras.Model, params: TrialParams, data, cfg: FitConfig,
+                     dtype) -> Features:
+        self.computed += 1
+        return extract(extractor, params, data, cfg, self.views_for(params), dtype)
+
+    def _get(self, key: str, compute: Callable[[], Features]) -> Features:
         if key in self._memory:
+            self._memory[key] = self._memory.pop(key)  # newest last
             return self._memory[key]
         feats = self._load(key)
         if feats is None:
-            feats = extract(model, params, data, cfg, self.views_for(params))
-            self.computed += 1
+            feats = compute()
             self._save(key, feats)
         self._memory[key] = feats
-        while len(self._memory) > self.keep_in_memory:
-            self._memory.pop(next(iter(self._memory)))
+        while len(self._memory) > 1 and \
+                sum(f.nbytes for f in self._memory.values()) > self.memory_bytes:
+            self._memory.pop(next(iter(self._memory)))  # the least recently used
         return feats
 
     def _path(self, key: str) -> Path | None:
@@ -94,6 +215,20 @@ class FeatureCache:
         os.replace(tmp, path)
 
 
+def _derive(net: keras.Model, source: Features, dtype) -> Features:
+    """Run frozen layers over cached activations (every view, and val)."""
+    def run(x: np.ndarray) -> np.ndarray:
+        return net.predict(x.astype(np.float32), batch_size=128, verbose=0).astype(dtype)
+
+    return Features(np.stack([run(view) for view in source.train]), run(source.val))
+
+
+def _split_key(data) -> str:
+    from .pipeline import ImageCache
+
+    return ImageCache.key(data.split.sort_values("path"))
+
+
 def feature_extractor(model: keras.Model) -> keras.Model:
     """Image -> pooled backbone features: the full model cut before its first trainable head layer."""
     from .hypermodel import HEAD_PREFIX
@@ -102,12 +237,11 @@ def feature_extractor(model: keras.Model) -> keras.Model:
     return keras.Model(model.inputs, pool.output, name="features")
 
 
-def extract(model: keras.Model, params: TrialParams, data, cfg: FitConfig,
-            views: int) -> Features:
-    """Run the frozen backbone over K augmented views of train and once over val."""
+def extract(extractor: keras.Model, params: TrialParams, data, cfg: FitConfig, views: int,
+            dtype=np.float32) -> Features:
+    """Run a frozen extractor over K augmented views of train and once over val."""
     from .pipeline import make_dataset
 
-    extractor = feature_extractor(model)
     size, k = params.input_size, len(data.classes)
     train, val = data.arrays("train", size), data.arrays("val", size)
     batch = 64
@@ -116,46 +250,100 @@ def extract(model: keras.Model, params: TrialParams, data, cfg: FitConfig,
         # Same order every view (no shuffle): row i is always image i.
         ds = make_dataset(train, k, batch, training=True, shuffle=False,
                           augment_strength=params.augment, seed=cfg.seed + 1000 * v)
-        train_views.append(extractor.predict(ds.map(lambda x, y: x), verbose=0))
+        train_views.append(extractor.predict(ds.map(lambda x, y: x), verbose=0).astype(dtype))
     val_ds = make_dataset(val, k, batch, training=False)
-    val_feats = extractor.predict(val_ds.map(lambda x, y: x), verbose=0)
-    return Features(np.stack(train_views).astype(np.float32), val_feats.astype(np.float32))
+    val_feats = extractor.predict(val_ds.map(lambda x, y: x), verbose=0).astype(dtype)
+    return Features(np.stack(train_views), val_feats)
 
 
 def head_model(model: keras.Model, feature_dim: int) -> keras.Model:
     """The full model's head layers (shared weights) on a feature input."""
+    inputs = keras.Input((feature_dim,), name="features")
+    return keras.Model(inputs, _apply_head(model, inputs, with_pool=False), name="head")
+
+
+def _apply_head(model: keras.Model, x, with_pool: bool):
     from .hypermodel import HEAD_PREFIX
 
-    inputs = keras.Input((feature_dim,), name="features")
-    x = inputs
     for layer in model.layers:
-        if layer.name.startswith(HEAD_PREFIX) and layer.name != f"{HEAD_PREFIX}pool":
+        if layer.name.startswith(HEAD_PREFIX) and (with_pool or layer.name != f"{HEAD_PREFIX}pool"):
             x = layer(x)
-    return keras.Model(inputs, x, name="head")
+    return x
 
 
-class ViewSequence(keras.utils.PyDataset):
-    """Training batches from cached features: view `epoch % K`, reshuffled every epoch."""
+def _cut_tensor(base: keras.Model, layer: str):
+    return base.get_layer(layer).input
 
-    def __init__(self, views: np.ndarray, y_onehot: np.ndarray, weights: np.ndarray | None,
-                 batch_size: int, seed: int):
-        super().__init__()
-        self.views, self.y, self.w = views, y_onehot, weights
-        self.batch_size = batch_size
-        self.rng = np.random.default_rng(seed)
-        self.epoch = 0
-        self.order = self.rng.permutation(views.shape[1])
 
-    def __len__(self) -> int:
-        return math.ceil(self.views.shape[1] / self.batch_size)
+def split_at(model: keras.Model, first: int) -> Cut | None:
+    """Split `model` where its backbone's layer `first` (the first trainable one) starts.
 
-    def __getitem__(self, i: int):
-        idx = self.order[i * self.batch_size:(i + 1) * self.batch_size]
-        x = self.views[self.epoch % len(self.views), idx]
-        if self.w is None:
-            return x, self.y[idx]
-        return x, self.y[idx], self.w[idx]
+    None where that is not a clean cut: the layer takes several tensors, a layer above it
+    reads a tensor from below it (a skip connection across the cut), or a weight of a layer
+    above it would be left out of the suffix.
+    """
+    from .hypermodel import HEAD_PREFIX, base_of
 
-    def on_epoch_end(self) -> None:
-        self.epoch += 1
-        self.order = self.rng.permutation(self.views.shape[1])
+    base = base_of(model)
+    if first <= 0:
+        return None  # nothing frozen: nothing to cache
+    cut = base.layers[first].input
+    if not isinstance(cut, keras.KerasTensor):
+        return None
+    try:
+        inner_suffix = keras.Model(cut, base.output)
+        inner_prefix = keras.Model(base.input, cut, name="backbone_prefix")
+    except (ValueError, KeyError, TypeError):
+        return None
+    suffix_weights = {id(w) for w in inner_suffix.weights}
+    above = [w for layer in base.layers[first:] for w in layer.weights]
+    if any(id(w) not in suffix_weights for w in above) or \
+            any(layer.name == base.layers[0].name for layer in inner_suffix.layers):
+        return None
+    image = keras.Input(model.input.shape[1:], name="image")
+    x = image
+    for layer in model.layers[1:]:
+        if layer is base:
+            break
+        x = layer(x)  # the in-graph preprocessing
+    prefix = keras.Model(image, inner_prefix(x, training=False), name="prefix")
+    activations = keras.Input(cut.shape[1:], name="activations")
+    features = inner_suffix(activations, training=False)
+    pooled = model.get_layer(f"{HEAD_PREFIX}pool")(features)
+    probs = _apply_head(model, features, with_pool=True)
+    return Cut(prefix, keras.Model(activations, probs, name="suffix"),
+               keras.Model(activations, pooled, name="suffix_features"), base, first,
+               base.layers[first].name)
+
+
+def view_dataset(views: np.ndarray, y_onehot: np.ndarray, weights: np.ndarray | None,
+                 batch_size: int, seed: int, epochs: int):
+    """(tf.data dataset of every epoch's batches, steps per epoch) over cached views.
+
+    Epoch e trains on view `e % K` in a fresh seeded order. The batches are gathered inside
+    tf.data from one in-memory copy, so fetching costs no Python per step, and every batch is
+    full (the few images an epoch leaves out are in the next epoch's order): a smaller last
+    batch would make TensorFlow trace the train step twice, which costs more than an epoch of
+    a small model on cached activations. `fit` must get `steps_per_epoch`, so that it carries
+    on through this one long dataset instead of restarting it every epoch.
+    """
+    import tensorflow as tf
+
+    n = views.shape[1]
+    steps = max(1, n // batch_size)
+    per_epoch = min(n, steps * batch_size)
+    rng = np.random.default_rng(seed)
+    rows = np.concatenate([rng.permutation(n)[:per_epoch] for _ in range(epochs)])
+    view = np.repeat(np.arange(epochs) % len(views), per_epoch)
+    x_all = tf.constant(views)
+    y_all = tf.constant(y_onehot)
+    w_all = None if weights is None else tf.constant(weights)
+
+    def gather(v, r):
+        x = tf.cast(tf.gather_nd(x_all, tf.stack([v, r], axis=1)), tf.float32)
+        if w_all is None:
+            return x, tf.gather(y_all, r)
+        return x, tf.gather(y_all, r), tf.gather(w_all, r)
+
+    ds = tf.data.Dataset.from_tensor_slices((view, rows)).batch(batch_size, drop_remainder=True)
+    return ds.map(gather).prefetch(2), steps

@@ -82,7 +82,9 @@ def prepare(config: SearchConfig) -> Run:
     if config.fast:
         from .features import FeatureCache
 
-        features = FeatureCache(root / "cache", views=config.feature_views)
+        anchors = {name: b.freeze_block[0] for name, b in space.backbones.items()}
+        features = FeatureCache(root / "cache", views=config.feature_views,
+                                memory_mb=config.cache_memory_mb, anchor_blocks=anchors)
     data = TrialData(split_df, classes, cache, config.fit.class_weight, features)
     return Run(config, space, data)
 
@@ -119,6 +121,9 @@ def _changed(saved: dict, current: dict, prefix: str = "") -> list[str]:
 # Optuna
 
 
+PRUNE_PERCENTILE = 75.0
+
+
 def storage_url(config: SearchConfig) -> str:
     return config.storage or f"journal:{config.run_dir / STUDY_JOURNAL}"
 
@@ -140,7 +145,12 @@ def open_study(config: SearchConfig, space: SearchSpace | None = None):
     storage = open_storage(url)
     name = config.study_name or "personclf"
     sampler = _sampler(config.fit.seed)
-    pruner = (optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=1)
+    # Prune only what is hopeless: Optuna's percentile is the share of trials KEPT, so 75
+    # stops a trial in the bottom quartile of earlier trials at the same step. Stage 1 ranks
+    # trials poorly (stage 2's learning rate and freeze depth reorder them): the median
+    # pruner stopped the trial that became the best in the benchmark.
+    pruner = (optuna.pruners.PercentilePruner(PRUNE_PERCENTILE, n_startup_trials=4,
+                                              n_warmup_steps=1)
               if config.pruning else optuna.pruners.NopPruner())
     created = False
     for attempt in range(OPEN_ATTEMPTS):

@@ -76,16 +76,26 @@ class ValidationMetrics(keras.callbacks.Callback):
     """
 
     def __init__(self, val_ds, y_val: np.ndarray, num_classes: int,
-                 on_step: Callable[[int, dict[str, float]], None] | None = None):
+                 on_step: Callable[[int, dict[str, float]], None] | None = None,
+                 eager: bool = False):
         super().__init__()
         self.val_ds = val_ds
         self.y_val = y_val
         self.num_classes = num_classes
         self.on_step = on_step
+        # Eager calls skip tracing a predict function, which costs more than the whole
+        # pass when the model is only a head or a backbone suffix on cached activations.
+        self.eager = eager
+
+    def _predict(self) -> np.ndarray:
+        if not self.eager:
+            return self.model.predict(self.val_ds, verbose=0)
+        return np.concatenate([keras.ops.convert_to_numpy(self.model(x, training=False))
+                               for x, _ in self.val_ds])
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs if logs is not None else {}
-        probs = self.model.predict(self.val_ds, verbose=0)
+        probs = self._predict()
         onehot = np.eye(self.num_classes, dtype=np.float32)[self.y_val]
         loss = float(keras.losses.categorical_crossentropy(onehot, probs).numpy().mean())
         logs["val_loss"] = loss
@@ -186,10 +196,20 @@ def run_two_stages(model: keras.Model, params: TrialParams, data: TrialData, cfg
 
     base = base_of(model)
     base.trainable = False
+    spec = backbones.get(params.backbone)
     stage = 1
+    inputs = None
     if data.features is not None:
-        result.epochs_stage1 = _stage1_on_features(model, params, data, cfg, train, val,
-                                                   class_weight, on_step, extra_callbacks)
+        from .features import head_model
+
+        first = backbones.first_trainable(base, spec, params.freeze_block) \
+            if cfg.max_epochs_stage2 > 0 else None
+        inputs = data.features.for_trial(model, params, data, cfg, first)
+        keras.utils.set_random_seed(cfg.seed)  # as if nothing was computed: resumes repeat
+        feats = inputs.pooled
+        result.epochs_stage1 = _fit_cached(head_model(model, feats.train.shape[-1]), feats,
+                                           params.lr_stage1, cfg.max_epochs_stage1, params, cfg,
+                                           train, val, class_weight, on_step, extra_callbacks)
     else:
         compile_model(model, params.lr_stage1, params, cfg)
         result.epochs_stage1 = fit_stage(cfg.max_epochs_stage1)
@@ -206,10 +226,17 @@ def run_two_stages(model: keras.Model, params: TrialParams, data: TrialData, cfg
     if cfg.max_epochs_stage2 > 0:
         stage1_weights = model.get_weights()
         stage = 2
-        spec = backbones.get(params.backbone)
         backbones.set_freeze(base, spec, params.freeze_block)
-        compile_model(model, params.lr_stage2, params, cfg)
-        result.epochs_stage2 = fit_stage(cfg.max_epochs_stage2)
+        if inputs is not None and inputs.suffix is not None:
+            # Stage 2 on cached activations at the freeze point: the suffix model shares the
+            # full model's layers above it, so `model` ends up with the trained weights.
+            result.epochs_stage2 = _fit_cached(inputs.suffix, inputs.activations,
+                                               params.lr_stage2, cfg.max_epochs_stage2, params,
+                                               cfg, train, val, class_weight, on_step,
+                                               extra_callbacks)
+        else:
+            compile_model(model, params.lr_stage2, params, cfg)
+            result.epochs_stage2 = fit_stage(cfg.max_epochs_stage2)
         result.stage2_best = _best(result.history, cfg.objective, stage=2)
         if not result.stage2_best > result.stage1_best:
             model.set_weights(stage1_weights)  # stage 2 never beat stage 1: keep stage 1
@@ -221,30 +248,30 @@ def run_two_stages(model: keras.Model, params: TrialParams, data: TrialData, cfg
     return result
 
 
-def _stage1_on_features(model, params: TrialParams, data: "TrialData", cfg: FitConfig,
-                        train: SplitArrays, val: SplitArrays, class_weight, on_step,
-                        extra_callbacks) -> int:
-    """Stage 1 on cached frozen-backbone features: the head layers (shared with `model`)
-    train on K cached augmented views, one per epoch, and are validated on cached features."""
-    from .features import ViewSequence, head_model
+def _fit_cached(net: keras.Model, feats, learning_rate: float, epochs: int, params: TrialParams,
+                cfg: FitConfig, train: SplitArrays, val: SplitArrays, class_weight, on_step,
+                extra_callbacks) -> int:
+    """Fit `net` (layers shared with the full model) on cached activations: K augmented
+    training views, one per epoch, validated on the cached validation activations."""
+    import tensorflow as tf
 
-    feats = data.features.get(model, params, data, cfg)
-    k = len(data.classes)
-    head = head_model(model, feats.train.shape[-1])
-    compile_model(head, params.lr_stage1, params, cfg)
+    from .features import view_dataset
+
+    k = int(net.output.shape[-1])
+    compile_model(net, learning_rate, params, cfg)
     y = np.eye(k, dtype=np.float32)[train.y]
     w = (np.array([class_weight[int(c)] for c in train.y], dtype=np.float32)
          if class_weight else None)
-    sequence = ViewSequence(feats.train, y, w, params.batch_size, cfg.seed)
-    import tensorflow as tf
-
+    train_ds, steps = view_dataset(feats.train, y, w, min(params.batch_size, len(y)), cfg.seed,
+                                   epochs)
     val_ds = tf.data.Dataset.from_tensor_slices(
-        (feats.val, np.eye(k, dtype=np.float32)[val.y])).batch(256)
+        (feats.val.astype(np.float32), np.eye(k, dtype=np.float32)[val.y])).batch(256)
     early = keras.callbacks.EarlyStopping(monitor=cfg.objective, mode="max",
                                           patience=cfg.patience, restore_best_weights=True)
-    callbacks = [ValidationMetrics(val_ds, val.y, k, on_step), early, _Relay(extra_callbacks)]
-    history = head.fit(sequence, epochs=cfg.max_epochs_stage1, callbacks=callbacks,
-                       verbose=cfg.verbose)
+    callbacks = [ValidationMetrics(val_ds, val.y, k, on_step, eager=True), early,
+                 _Relay(extra_callbacks)]
+    history = net.fit(train_ds, epochs=epochs, steps_per_epoch=steps, callbacks=callbacks,
+                      verbose=cfg.verbose, shuffle=False)  # the dataset is in a seeded order
     return len(history.history.get("loss", []))
 
 
