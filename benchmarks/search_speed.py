@@ -3,10 +3,12 @@
 naive: no caches (every trial decodes its images), both stages train through the whole
 model every epoch, no pruning. fast: decoded-image cache, stage-1 features and stage-2
 activations at the freeze point cached (tuner.features), pruning (including between the
-stages). Same seed, space, data and trial count. Each mode runs in its
+stages). With --cache-only-too, a third run, cache_only: the caches without pruning, so
+the same trials complete in both and the caches' own speed and accuracy show apart from
+pruning's. Same seed, space, data and trial count. Each mode runs in its
 own process so peak memory is measured per mode.
 
-    python benchmarks/search_speed.py [--data DIR] [--trials 8] [--max-epochs 5]
+    python benchmarks/search_speed.py [--data DIR] [--trials 8] [--max-epochs 5] [--cache-only-too]
 
 Writes results/bench/search_speed.md and results/bench/search_speed.json:
 {"naive": {"seconds", "best_val_balanced_accuracy", "rss_mb": [...], "trials_per_hour"},
@@ -24,6 +26,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+MODES = ("naive", "fast", "cache_only")
 REPO = HERE.parent
 
 
@@ -42,10 +45,10 @@ def run_mode(args) -> dict:
     from tuner.config import FitConfig, SearchConfig, SplitConfig
     from tuner.search import run_search
 
-    fast = args.mode == "fast"
+    fast = args.mode in ("fast", "cache_only")
     config = SearchConfig(
         data_dir=Path(args.data), run_dir=Path(args.run_dir), trials=args.trials,
-        space=Path(args.space), pruning=fast, retrain_best=False, fast=fast,
+        space=Path(args.space), pruning=args.mode == "fast", retrain_best=False, fast=fast,
         split=SplitConfig(seed=args.seed),
         fit=FitConfig(max_epochs_stage1=args.max_epochs, max_epochs_stage2=args.max_epochs,
                       patience=args.patience, seed=args.seed, weights=args.weights))
@@ -82,7 +85,9 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--weights", default="imagenet")
     ap.add_argument("--out", default=str(REPO / "results/bench"))
-    ap.add_argument("--mode", choices=("naive", "fast"), help=argparse.SUPPRESS)
+    ap.add_argument("--cache-only-too", action="store_true",
+                    help="also run the caches without pruning (a third search)")
+    ap.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     ap.add_argument("--run-dir", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -95,7 +100,8 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
-        for mode in ("naive", "fast"):
+        modes = MODES if args.cache_only_too else MODES[:2]
+        for mode in modes:
             result_file = Path(tmp) / f"{mode}.json"
             cmd = [sys.executable, __file__, "--mode", mode, "--run-dir", str(Path(tmp) / mode),
                    "--result", str(result_file), "--data", args.data, "--space", args.space,
@@ -109,8 +115,13 @@ def main() -> int:
     results["accuracy_gap_points"] = round(
         100 * (naive["best_val_balanced_accuracy"] - fast["best_val_balanced_accuracy"]), 2)
     growth = {m: round(results[m]["peak_rss_mb"][-1] / results[m]["peak_rss_mb"][1] - 1, 3)
-              for m in ("naive", "fast") if len(results[m]["peak_rss_mb"]) > 1}
+              for m in modes if len(results[m]["peak_rss_mb"]) > 1}
     results["peak_rss_growth_after_2nd_trial"] = growth
+    if "cache_only" in results:
+        only = results["cache_only"]
+        results["cache_only_ratio"] = round(only["trials_per_hour"] / naive["trials_per_hour"], 2)
+        results["cache_only_gap_points"] = round(
+            100 * (naive["best_val_balanced_accuracy"] - only["best_val_balanced_accuracy"]), 2)
     results["config"] = {k: getattr(args, k) for k in
                          ("data", "space", "trials", "max_epochs", "patience", "seed", "weights")}
     from tabulate import tabulate
@@ -118,13 +129,18 @@ def main() -> int:
     rows = [[m, r["seconds"], r["trials_per_hour"], f"{r['best_val_balanced_accuracy']:.4f}",
              r["peak_rss_mb"][1] if len(r["peak_rss_mb"]) > 1 else "-", r["peak_rss_mb"][-1],
              " ".join(s[0] for s in r["states"])]
-            for m, r in (("naive", naive), ("fast", fast))]
+            for m, r in ((m, results[m]) for m in modes)]
+    if "cache_only" in results:
+        text_extra = (f"caches alone, no pruning: {results['cache_only_ratio']}x, gap "
+                      f"{results['cache_only_gap_points']} points\n")
+    else:
+        text_extra = ""
     table = tabulate(rows, headers=["mode", "wall s", "trials/h", "best val bal. acc",
                                     "peak RSS MiB after trial 2", "after last", "states"],
                      tablefmt="github")
     text = (f"{table}\n\nspeed ratio (fast/naive trials per hour): {results['ratio']}x; "
             f"accuracy gap: {results['accuracy_gap_points']} points; peak RSS growth after "
-            f"trial 2: {growth}\n")
+            f"trial 2: {growth}\n{text_extra}")
     print(text)
     (out / "search_speed.md").write_text(text)
     (out / "search_speed.json").write_text(json.dumps(results, indent=2))
