@@ -56,11 +56,11 @@ class Cut:
     index: int  # of its first trainable layer
     layer: str  # that layer's name
 
-    def middle(self, earlier: "Cut") -> keras.Model | None:
-        """Activations at `earlier` (a shallower cut) -> activations here; None if no clean path."""
+    def middle(self, earlier: str) -> keras.Model | None:
+        """Activations where layer `earlier` (shallower) starts -> activations here; None if no
+        clean path."""
         try:
-            return keras.Model(_cut_tensor(self.base, earlier.layer),
-                               _cut_tensor(self.base, self.layer))
+            return keras.Model(_cut_tensor(self.base, earlier), _cut_tensor(self.base, self.layer))
         except (ValueError, KeyError, TypeError):
             return None
 
@@ -95,7 +95,9 @@ class FeatureCache:
         # computed there serve every deeper freeze depth the trials pick.
         self.anchor_blocks = dict(anchor_blocks or {})
         self._memory: dict[str, Features] = {}
-        self._anchors: dict[str, tuple[Cut, str]] = {}  # setting -> (cut, key) computed from images
+        # setting -> (layer index, layer name, key) of the activations computed from images;
+        # names only, so no trial's model outlives the trial.
+        self._anchors: dict[str, tuple[int, str, str]] = {}
         self._too_big: set[str] = set()
         self.computed = 0  # sets computed from images (not derived or loaded); tests read it
 
@@ -148,15 +150,15 @@ class FeatureCache:
             return None
         anchor = self._anchors.get(setting)
         middle = None
-        if anchor is not None and anchor[0].index < cut.index and anchor[1] in self._memory:
-            middle = cut.middle(anchor[0])
+        if anchor is not None and anchor[0] < cut.index and anchor[2] in self._memory:
+            middle = cut.middle(anchor[1])
         if middle is not None:
-            source = self._memory[anchor[1]]
+            source = self._memory[anchor[2]]
             return self._get(key, lambda: _derive(middle, source, np.float16))
         feats = self._get(key, lambda: self._from_images(cut.prefix, params, data, cfg,
                                                           np.float16))
-        if anchor is None or cut.index < anchor[0].index:
-            self._anchors[setting] = (cut, key)
+        if anchor is None or cut.index < anchor[0]:
+            self._anchors[setting] = (cut.index, cut.layer, key)
         return feats
 
     def _compute_anchor(self, model: keras.Model, cut: Cut, setting: str, params: TrialParams,
