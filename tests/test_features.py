@@ -37,7 +37,7 @@ def _stage1(orl, weights, features: FeatureCache | None, params: TrialParams = P
 def test_cached_features_are_the_frozen_backbone_output(orl, mobilenet_025_weights, tmp_path):
     cache = FeatureCache(tmp_path)
     result, model, data, cfg = _stage1(orl, mobilenet_025_weights, cache)
-    feats = cache.get(model, PARAMS, data, cfg)
+    feats = cache.for_trial(model, PARAMS, data, cfg).pooled
     assert cache.computed == 1  # the trial computed them, this call reused them
     assert feats.train.shape[0] == 1  # no augmentation: one view
     val = data.arrays("val", PARAMS.input_size)
@@ -45,7 +45,7 @@ def test_cached_features_are_the_frozen_backbone_output(orl, mobilenet_025_weigh
     np.testing.assert_allclose(feats.val[:8], np.asarray(direct), atol=1e-4)
     # A new cache over the same folder loads them from disk instead of computing.
     again = FeatureCache(tmp_path)
-    assert np.array_equal(again.get(model, PARAMS, data, cfg).val, feats.val)
+    assert np.array_equal(again.for_trial(model, PARAMS, data, cfg).pooled.val, feats.val)
     assert again.computed == 0
 
 
@@ -63,7 +63,7 @@ def test_augmented_views_differ_and_train(orl, mobilenet_025_weights):
     params = TrialParams(**{**PARAMS.to_dict(), "augment": 0.5})
     cache = FeatureCache(None, views=3)
     result, model, data, cfg = _stage1(orl, mobilenet_025_weights, cache, params)
-    feats = cache.get(model, params, data, cfg)
+    feats = cache.for_trial(model, params, data, cfg).pooled
     assert feats.train.shape[0] == 3
     assert not np.allclose(feats.train[0], feats.train[1])  # each view is a new augmentation draw
     assert result.stage1_best > 10 / 40

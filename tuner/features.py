@@ -98,6 +98,7 @@ class FeatureCache:
         # setting -> (layer index, layer name, key) of the activations computed from images;
         # names only, so no trial's model outlives the trial.
         self._anchors: dict[str, tuple[int, str, str]] = {}
+        self._anchor_tried: set[str] = set()
         self._too_big: set[str] = set()
         self.computed = 0  # sets computed from images (not derived or loaded); tests read it
 
@@ -120,7 +121,8 @@ class FeatureCache:
         backbone layer) gives a clean cut whose activations fit the memory budget."""
         setting = self.setting(params, cfg, data)
         cut = split_at(model, first) if first else None
-        if cut is not None and setting not in self._anchors:
+        if cut is not None and setting not in self._anchor_tried:
+            self._anchor_tried.add(setting)  # once: a refused anchor is not rebuilt every trial
             self._compute_anchor(model, cut, setting, params, data, cfg)
         acts = self._activations(cut, setting, params, data, cfg) if cut else None
         pooled_key = self.key(setting)
@@ -130,10 +132,6 @@ class FeatureCache:
         pooled = self._get(pooled_key, lambda: self._from_images(
             feature_extractor(model), params, data, cfg, np.float32))
         return TrialInputs(pooled)
-
-    def get(self, model: keras.Model, params: TrialParams, data, cfg: FitConfig) -> Features:
-        """Pooled backbone features for stage 1."""
-        return self.for_trial(model, params, data, cfg).pooled
 
     def _activations(self, cut: Cut, setting: str, params: TrialParams, data,
                      cfg: FitConfig) -> Features | None:
