@@ -146,7 +146,7 @@ def test_imagenet_weights_unavailable_offline(data, tmp_path, monkeypatch, capsy
 
 
 @pytest.mark.parametrize("flag, value, message", [
-    ("--cache-views", "0", "--cache-views 0: must be at least 1"),
+    ("--augment-views", "0", "--augment-views 0: must be at least 1"),
     ("--cache-memory-mb", "-1", "--cache-memory-mb -1: must be 0 or more"),
 ])
 def test_bad_cache_flags(data, space, tmp_path, capsys, flag, value, message):

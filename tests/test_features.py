@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 
@@ -25,11 +26,14 @@ def orl(datasets: Path):
     return split(scanned.images, SplitConfig(seed=3)), scanned.classes, datasets / "att_orl_faces"
 
 
-def _stage1(orl, weights, features: FeatureCache | None, params: TrialParams = PARAMS):
+def _stage1(orl, weights, features: FeatureCache | None, params: TrialParams = PARAMS,
+            views: int = 4):
     split_df, classes, root = orl
     data = TrialData(split_df, classes, ImageCache(root), features=features)
-    cfg = FitConfig(max_epochs_stage1=8, max_epochs_stage2=0, patience=8, weights=str(weights))
+    cfg = FitConfig(max_epochs_stage1=8, max_epochs_stage2=0, patience=8, weights=str(weights),
+                    augment_views=views)
     release()
+    keras.utils.set_random_seed(cfg.seed)  # as a search builds each trial
     model = build_model(params, len(classes), cfg.weights, seed=cfg.seed)
     return run_two_stages(model, params, data, cfg), model, data, cfg
 
@@ -49,20 +53,29 @@ def test_cached_features_are_the_frozen_backbone_output(orl, mobilenet_025_weigh
     assert again.computed == 0
 
 
+def _losses(result) -> np.ndarray:
+    return np.array([h["loss"] for h in result.history])
+
+
 def test_stage1_on_cached_features_matches_the_naive_path(orl, mobilenet_025_weights):
-    """Same trial, stage 1 only: through the backbone every epoch vs on cached features."""
-    naive, *_ = _stage1(orl, mobilenet_025_weights, None)
-    fast, *_ = _stage1(orl, mobilenet_025_weights, FeatureCache(None))
-    chance = 1 / 40
-    assert naive.stage1_best > 10 * chance and fast.stage1_best > 10 * chance
-    # Different batch orders, same data and model: equal within noise (63 validation faces).
-    assert abs(fast.stage1_best - naive.stage1_best) < 0.1, (naive.stage1_best, fast.stage1_best)
+    """Same trial, stage 1 only, with augmentation and dropout: through the backbone every
+    epoch vs on cached features. Both train on the same batches of the same augmented
+    copies with the same dropout draws, so they compute the same thing, epoch by epoch."""
+    params = TrialParams(**{**PARAMS.to_dict(), "augment": 0.5, "dense_units": 64,
+                            "dropout": 0.3})
+    naive, *_ = _stage1(orl, mobilenet_025_weights, None, params, views=2)
+    fast, *_ = _stage1(orl, mobilenet_025_weights, FeatureCache(None), params, views=2)
+    assert naive.epochs_stage1 == fast.epochs_stage1 == 8
+    np.testing.assert_allclose(_losses(fast), _losses(naive), rtol=5e-3)
+    assert fast.stage1_best > 10 / 40
+    # Validation scores: only a near-tie or two may flip (float rounding), of 63 faces.
+    assert abs(fast.stage1_best - naive.stage1_best) < 0.04, (naive.stage1_best, fast.stage1_best)
 
 
 def test_augmented_views_differ_and_train(orl, mobilenet_025_weights):
     params = TrialParams(**{**PARAMS.to_dict(), "augment": 0.5})
-    cache = FeatureCache(None, views=3)
-    result, model, data, cfg = _stage1(orl, mobilenet_025_weights, cache, params)
+    cache = FeatureCache(None)
+    result, model, data, cfg = _stage1(orl, mobilenet_025_weights, cache, params, views=3)
     feats = cache.for_trial(model, params, data, cfg).pooled
     assert feats.train.shape[0] == 3
     assert not np.allclose(feats.train[0], feats.train[1])  # each view is a new augmentation draw
@@ -79,6 +92,7 @@ def _two_stages(orl, weights, features: FeatureCache | None, params: TrialParams
     data = TrialData(split_df, classes, ImageCache(root), features=features)
     cfg = FitConfig(**{**STAGE2.__dict__, "weights": str(weights)})
     release()
+    keras.utils.set_random_seed(cfg.seed)
     model = build_model(params, len(classes), cfg.weights, seed=cfg.seed)
     return run_two_stages(model, params, data, cfg), model, data
 
@@ -112,7 +126,10 @@ def test_stage2_on_cached_activations_matches_the_naive_path(orl, mobilenet_025_
     chance = 1 / 40
     assert naive.epochs_stage2 > 0 and fast.epochs_stage2 > 0
     assert fast.stage2_best > 10 * chance and naive.stage2_best > 10 * chance
-    assert abs(fast.stage2_best - naive.stage2_best) < 0.1, (naive.stage2_best, fast.stage2_best)
+    # Stage 1 is the same computation; stage 2 trains on float16 activations, so it drifts
+    # a little from the naive path but stays within noise.
+    np.testing.assert_allclose(_losses(fast)[:4], _losses(naive)[:4], rtol=5e-3)
+    assert abs(fast.stage2_best - naive.stage2_best) < 0.05, (naive.stage2_best, fast.stage2_best)
     # The suffix trained the full model's own layers: the model scores what the trial reported.
     val = data.arrays("val", PARAMS.input_size)
     probs = model.predict(val.x.astype(np.float32), verbose=0)

@@ -500,3 +500,30 @@ def test_trials_in_a_loop_with_release_do_not_accumulate(tiny_space, tiny_data):
     # train-step graph: ~27,000 more objects per trial.
     assert objects[-1] - objects[0] < 20_000, objects
     assert rss[-1] - rss[0] < 64, rss  # measured: +4 MB; leaking, +81 MB
+
+
+def test_reused_backbone_behaves_as_a_new_one(mobilenet_025_weights, tmp_path):
+    """A search's later trial gets the backbone an earlier trial built and fine-tuned back with
+    its loaded weights, all layers frozen and no trace of the old model: same outputs and same
+    saved model as a new one, and the head's initial weights depend on the seed alone."""
+    params = TrialParams(backbone="MobileNet", alpha=0.25, input_size=SIZE, dense_units=16)
+    weights = str(mobilenet_025_weights)
+    x = np.random.default_rng(0).uniform(0, 255, (4, SIZE, SIZE, 3)).astype(np.float32)
+    reuse = backbones.BaseReuse()
+    first = build_model(params, 3, weights, seed=SEED, reuse=reuse)
+    expected = np.asarray(first(x))
+    base = base_of(first)
+    backbones.set_freeze(base, backbones.get("MobileNet"), FREEZE_BLOCK)  # as stage 2 leaves it
+    base.set_weights([w + 0.1 for w in base.get_weights()])
+    release()
+    again = build_model(params, 3, weights, seed=SEED, reuse=reuse)
+    assert base_of(again) is base, "not built twice"
+    assert not any(layer.trainable for layer in base.layers)
+    np.testing.assert_array_equal(np.asarray(again(x)), expected)
+    release()
+    fresh = build_model(params, 3, weights, seed=SEED)
+    np.testing.assert_array_equal(np.asarray(fresh(x)), expected)
+    path = tmp_path / "reused.keras"
+    again.save(path)
+    loaded = keras.models.load_model(path, safe_mode=True)
+    np.testing.assert_allclose(np.asarray(loaded(x)), expected, atol=1e-6)

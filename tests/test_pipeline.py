@@ -10,7 +10,8 @@ import pytest
 
 from tuner.config import ScanConfig, SplitConfig
 from tuner.data import read_split, scan, split, write_split
-from tuner.pipeline import ImageCache, SplitArrays, augmentation, load_image, make_dataset, split_arrays
+from tuner.pipeline import (EpochPlan, ImageCache, SplitArrays, augmentation, load_image,
+                            make_dataset, split_arrays, train_stream, warp_draws)
 
 SIZE = 32
 
@@ -99,63 +100,87 @@ def test_split_arrays_shapes_and_dtypes(sample, sample_dir):
     np.testing.assert_array_equal(arrays.x[0], load_image(sample_dir / arrays.paths[0], SIZE))
 
 
-def test_make_dataset_batches(train_arrays, sample):
+def test_train_stream_batches(train_arrays, sample):
     import tensorflow as tf
 
     result, _ = sample
     k = len(result.classes)
+    n = len(train_arrays.x)
     weights = {i: 1.0 + i for i in range(k)}
-    ds = make_dataset(train_arrays, k, 16, training=True, class_weight=weights, seed=1)
-    seen = 0
+    ds, steps = train_stream(train_arrays, k, 16, seed=1, epochs=2, views=1,
+                             class_weight=weights)
+    assert steps == n // 16
+    rows = []
     for x, y, w in ds:
         assert x.dtype == tf.float32 and y.dtype == tf.float32 and w.dtype == tf.float32
-        assert x.shape[1:] == (SIZE, SIZE, 3)
-        assert float(tf.reduce_min(x)) >= 0.0 and float(tf.reduce_max(x)) <= 255.0
+        assert x.shape == (16, SIZE, SIZE, 3), "full batches only"
         np.testing.assert_array_equal(y.numpy().sum(axis=1), 1.0)
         assert set(np.unique(y.numpy())) <= {0.0, 1.0}
         np.testing.assert_allclose(w.numpy(), [weights[i] for i in y.numpy().argmax(axis=1)])
-        seen += int(x.shape[0])
-    assert seen == len(train_arrays.x)
+        # Without augmentation every row is one of the training images, unchanged.
+        for img in x.numpy().astype(np.uint8):
+            rows.append(int(np.flatnonzero((train_arrays.x == img).all(axis=(1, 2, 3)))[0]))
+    assert len(rows) == 2 * steps * 16
+    epoch1, epoch2 = rows[:steps * 16], rows[steps * 16:]
+    assert len(set(epoch1)) == len(epoch1), "no image twice in one epoch"
+    assert epoch1 != epoch2, "a fresh order every epoch"
+    plan = EpochPlan.make(n, 16, seed=1, epochs=2, views=1)
+    assert rows == plan.rows.tolist(), "the stream follows the plan the caches follow"
 
-    # Evaluation: no weights, no shuffle, pixels unchanged.
-    ds = make_dataset(train_arrays, k, 16, training=False, class_weight=weights)
+    # Evaluation: file order, pixels unchanged, last batch partial.
+    ds = make_dataset(train_arrays, k, 16)
     x, y = next(iter(ds))
     np.testing.assert_array_equal(x.numpy(), train_arrays.x[:16].astype(np.float32))
     np.testing.assert_array_equal(y.numpy().argmax(axis=1), train_arrays.y[:16])
-    x, y = next(iter(make_dataset(train_arrays, k, 16, training=True)))  # no class_weight
-    assert x.shape[0] == 16 and y.shape == (16, k)
+    assert sum(int(b[0].shape[0]) for b in ds) == n
 
 
-def test_augmentation(train_arrays, sample):
+def test_augmentation(train_arrays):
     import tensorflow as tf
 
-    assert augmentation(0) is None and augmentation(0.0, seed=1) is None
-    layers = augmentation(1.0, seed=3)
+    assert augmentation(0) is None and augmentation(0.0) is None
     x = tf.constant(train_arrays.x[:8].astype(np.float32))
-    out = layers(x, training=True)
-    assert tuple(out.shape) == tuple(x.shape)
-    assert float(tf.reduce_mean(tf.abs(out - x))) > 1.0, "strength 1.0 changes images"
+    u = warp_draws(8, 1, seed=3)[0]
+    out = augmentation(1.0)(x, tf.constant(u)).numpy()
+    assert out.shape == tuple(x.shape)
+    assert out.min() >= 0.0 and out.max() <= 255.0
+    assert float(np.abs(out - x.numpy()).mean()) > 1.0, "strength 1.0 changes images"
+    # All-zero draws are the identity warp (a draw of exactly 0 means no flip).
+    same = augmentation(1.0)(x, tf.zeros((8, 6))).numpy()
+    np.testing.assert_allclose(same, x.numpy(), atol=1e-3)
+    # A flip draw alone mirrors the image exactly.
+    flip = np.zeros((8, 6), np.float32)
+    flip[:, 0] = -1.0
+    np.testing.assert_allclose(augmentation(1.0)(x, tf.constant(flip)).numpy(),
+                               x.numpy()[:, :, ::-1], atol=1e-3)
+    # A weaker strength moves pixels less than the full one, for the same draws.
+    weak = augmentation(0.2)(x, tf.constant(u)).numpy()
+    assert np.abs(weak - x.numpy()).mean() < np.abs(out - x.numpy()).mean()
 
-    k = len(sample[0].classes)
-    ds = make_dataset(train_arrays, k, 16, training=True, augment_strength=1.0, seed=3)
-    batches = [b[0].numpy() for b in ds]
-    for xb in batches:
-        assert xb.dtype == np.float32 and xb.shape[1:] == (SIZE, SIZE, 3)
-        assert xb.min() >= 0.0 and xb.max() <= 255.0
-    augmented = np.concatenate(batches)
-    assert augmented.shape == train_arrays.x.shape
-    # Shuffled order differs, so compare the multiset of per-image means: augmentation moves them.
-    original = np.sort(train_arrays.x.reshape(len(augmented), -1).mean(axis=1))
-    assert not np.allclose(np.sort(augmented.reshape(len(augmented), -1).mean(axis=1)), original)
 
+def test_augmented_copies_are_fixed_and_distinct(train_arrays):
+    """Copy v of image i depends on (seed, v, i) only: the same in every epoch that uses it and
+    in any batching, different between copies, so a cache can hold exactly what training sees."""
+    k = int(train_arrays.y.max()) + 1
+    n = len(train_arrays.x)
 
-def test_augmentation_differs_between_batches(train_arrays):
-    """The random state must advance inside tf.data: the same image is not transformed the same way
-    in every batch."""
-    x = np.repeat(train_arrays.x[:1], 12, axis=0)
-    arrays = SplitArrays(x, np.zeros(12, np.int32), np.array(["face"] * 12), np.array(["p"] * 12))
-    batches = [b[0].numpy() for b in make_dataset(arrays, 2, 4, training=True, augment_strength=1.0,
-                                                  seed=5)]
-    flat = np.concatenate(batches).reshape(12, -1)
-    assert len({row.tobytes() for row in flat}) > 6
-    assert not pd.Series([b.tobytes() for b in batches]).duplicated().any()
+    def by_row(ds, plan):
+        out = {}
+        for (x, _y), v, r in zip(ds.unbatch(), plan.view, plan.rows):
+            out.setdefault((int(v), int(r)), []).append(x.numpy())
+        return out
+
+    ds, _ = train_stream(train_arrays, k, 8, seed=5, epochs=4, views=2, augment_strength=1.0)
+    seen = by_row(ds, EpochPlan.make(n, 8, seed=5, epochs=4, views=2))
+    repeats = [imgs for imgs in seen.values() if len(imgs) > 1]
+    assert repeats, "epochs 0 and 2 share copy 0"
+    for imgs in repeats:
+        np.testing.assert_array_equal(imgs[0], imgs[1])
+    both = [r for (v, r) in seen if v == 0 and (1, r) in seen]
+    assert both and all(not np.array_equal(seen[(0, r)][0], seen[(1, r)][0]) for r in both)
+    # Another batch size gives the same copies.
+    ds16, _ = train_stream(train_arrays, k, 16, seed=5, epochs=1, views=2, augment_strength=1.0)
+    other = by_row(ds16, EpochPlan.make(n, 16, seed=5, epochs=1, views=2))
+    for key, imgs in other.items():
+        if key in seen:
+            np.testing.assert_allclose(imgs[0], seen[key][0], atol=1e-4)

@@ -79,8 +79,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true",
                    help="train every trial through the whole model, decoding its images "
                         "(the naive loop; for comparisons)")
-    p.add_argument("--cache-views", type=int, default=4, metavar="K",
-                   help="augmented views of each training image in the activation caches")
     p.add_argument("--cache-memory-mb", type=float, default=2048, metavar="MB",
                    help="memory for cached activations; a freeze depth that needs more trains "
                         "stage 2 through the whole model")
@@ -126,6 +124,10 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--class-weight", choices=("balanced", "max_over_count", "none"),
                    default="balanced")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--augment-views", "--cache-views", type=int, default=4, metavar="K",
+                   dest="augment_views",
+                   help="augmented copies of each training image, cycled over the epochs "
+                        "(default 4); the caches hold exactly these")
     p.add_argument("--mixed-precision", action="store_true", help="float16 compute (GPU)")
     p.add_argument("--jit-compile", action="store_true", help="XLA-compile training steps (GPU)")
 
@@ -164,7 +166,8 @@ def search_config(args: argparse.Namespace):
     fit = FitConfig(max_epochs_stage1=args.max_epochs, max_epochs_stage2=stage2,
                     patience=args.patience, class_weight=args.class_weight, seed=args.seed,
                     weights=resolve_weights(args.weights), objective=args.objective,
-                    mixed_precision=args.mixed_precision, jit_compile=args.jit_compile)
+                    augment_views=args.augment_views, mixed_precision=args.mixed_precision,
+                    jit_compile=args.jit_compile)
     scan_cfg = ScanConfig(args.data, unknown_name=args.unknown_name,
                           no_face_policy=args.no_face_policy,
                           near_duplicate_distance=args.near_duplicate_distance)
@@ -174,7 +177,7 @@ def search_config(args: argparse.Namespace):
         backbones=tuple(b.strip() for b in args.backbones.split(",") if b.strip()),
         engine=args.engine, storage=args.storage, study_name=args.study_name,
         pruning=not args.no_pruning, retrain_best=not args.no_retrain,
-        workers=args.workers, fast=not args.no_cache, feature_views=args.cache_views,
+        workers=args.workers, fast=not args.no_cache,
         cache_memory_mb=args.cache_memory_mb, scan=scan_cfg,
         split=SplitConfig(args.val_fraction, args.test_fraction, args.seed), fit=fit)
 

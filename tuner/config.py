@@ -107,6 +107,10 @@ class FitConfig:
     seed: int = 42
     weights: str | None = "imagenet"  # "imagenet", None (random init) or a path to a weights file
     objective: str = "val_balanced_accuracy"
+    # Augmented copies of each training image; epoch e trains on copy e % K. Fixed copies let
+    # the activation caches hold exactly what an uncached trial trains on (the cache changes
+    # speed, never the result). One copy when augmentation is off.
+    augment_views: int = 4
     mixed_precision: bool = False
     jit_compile: bool = False
     verbose: int = 0
@@ -118,6 +122,8 @@ class FitConfig:
             )
         if self.max_epochs_stage1 < 1 or self.max_epochs_stage2 < 0 or self.patience < 1:
             raise UsageError("--max-epochs must be >= 1 and --patience >= 1")
+        if self.augment_views < 1:
+            raise UsageError(f"--augment-views {self.augment_views}: must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -157,7 +163,6 @@ class SearchConfig:
     # activations at the freeze point are computed once (see tuner.features), and trials are
     # pruned between the stages. False is the naive loop, kept for the speed benchmark.
     fast: bool = True
-    feature_views: int = 4
     cache_memory_mb: float = 2048  # in-memory budget for cached activations
     scan: ScanConfig | None = None
     split: SplitConfig = field(default_factory=SplitConfig)
@@ -176,8 +181,6 @@ class SearchConfig:
             raise UsageError(f"--engine {self.engine!r}: choose one of {', '.join(ENGINES)}")
         if self.workers < 1:
             raise UsageError(f"--workers {self.workers}: must be at least 1")
-        if self.feature_views < 1:
-            raise UsageError(f"--cache-views {self.feature_views}: must be at least 1")
         if self.cache_memory_mb < 0:
             raise UsageError(f"--cache-memory-mb {self.cache_memory_mb:g}: must be 0 or more")
         if self.storage and self.engine != "optuna":

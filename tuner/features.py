@@ -29,6 +29,7 @@ import keras
 import numpy as np
 
 from .config import FitConfig, TrialParams
+from .pipeline import views_for
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +87,9 @@ class FeatureCache:
     the backbone.
     """
 
-    def __init__(self, cache_dir: Path | None = None, views: int = 4, memory_mb: float = 2048,
+    def __init__(self, cache_dir: Path | None = None, memory_mb: float = 2048,
                  anchor_blocks: dict[str, int] | None = None):
         self.cache_dir = Path(cache_dir) if cache_dir else None
-        self.views = views
         self.memory_bytes = memory_mb * 2**20
         # Per backbone, the shallowest freeze depth the search space allows: activations
         # computed there serve every deeper freeze depth the trials pick.
@@ -102,13 +102,10 @@ class FeatureCache:
         self._too_big: set[str] = set()
         self.computed = 0  # sets computed from images (not derived or loaded); tests read it
 
-    def views_for(self, params: TrialParams) -> int:
-        return self.views if params.augment > 0 else 1
-
     def setting(self, params: TrialParams, cfg: FitConfig, data) -> str:
         """Everything the frozen activations depend on, except where the backbone is cut."""
         return (f"{params.backbone}|{params.alpha}|{params.input_size}|{cfg.weights}|"
-                f"{round(params.augment, 4)}|{self.views_for(params)}|{cfg.seed}|"
+                f"{round(params.augment, 4)}|{views_for(params, cfg)}|{cfg.seed}|"
                 f"{_split_key(data)}")
 
     @staticmethod
@@ -138,7 +135,7 @@ class FeatureCache:
         key = self.key(setting, cut.layer)
         if key in self._too_big:
             return None
-        rows = self.views_for(params) * int((data.split["split"] == "train").sum()) \
+        rows = views_for(params, cfg) * int((data.split["split"] == "train").sum()) \
             + int((data.split["split"] == "val").sum())
         size = rows * math.prod(cut.prefix.output.shape[1:]) * 2  # float16
         if size > self.memory_bytes:
@@ -176,7 +173,7 @@ class FeatureCache:
     def _from_images(self, extractor: keras.Model, params: TrialParams, data, cfg: FitConfig,
                      dtype) -> Features:
         self.computed += 1
-        return extract(extractor, params, data, cfg, self.views_for(params), dtype)
+        return extract(extractor, params, data, cfg, dtype)
 
     def _get(self, key: str, compute: Callable[[], Features]) -> Features:
         if key in self._memory:
@@ -237,23 +234,18 @@ def feature_extractor(model: keras.Model) -> keras.Model:
     return keras.Model(model.inputs, pool.output, name="features")
 
 
-def extract(extractor: keras.Model, params: TrialParams, data, cfg: FitConfig, views: int,
+def extract(extractor: keras.Model, params: TrialParams, data, cfg: FitConfig,
             dtype=np.float32) -> Features:
-    """Run a frozen extractor over K augmented views of train and once over val."""
-    from .pipeline import make_dataset
+    """Run a frozen extractor over every augmented copy of train and once over val."""
+    from .pipeline import make_dataset, view_batches
 
     size, k = params.input_size, len(data.classes)
     train, val = data.arrays("train", size), data.arrays("val", size)
-    batch = 64
-    train_views = []
-    for v in range(views):
-        # Same order every view (no shuffle): row i is always image i.
-        ds = make_dataset(train, k, batch, training=True, shuffle=False,
-                          augment_strength=params.augment, seed=cfg.seed + 1000 * v)
-        train_views.append(extractor.predict(ds.map(lambda x, y: x), verbose=0).astype(dtype))
-    val_ds = make_dataset(val, k, batch, training=False)
-    val_feats = extractor.predict(val_ds.map(lambda x, y: x), verbose=0).astype(dtype)
-    return Features(np.stack(train_views), val_feats)
+    views = views_for(params, cfg)
+    train_views = [extractor.predict(view_batches(train, v, 64, params.augment, cfg.seed, views),
+                                     verbose=0).astype(dtype) for v in range(views)]
+    val_ds = make_dataset(val, k, 64).map(lambda x, y: x)
+    return Features(np.stack(train_views), extractor.predict(val_ds, verbose=0).astype(dtype))
 
 
 def head_model(model: keras.Model, feature_dim: int) -> keras.Model:
@@ -316,34 +308,19 @@ def split_at(model: keras.Model, first: int) -> Cut | None:
                base.layers[first].name)
 
 
-def view_dataset(views: np.ndarray, y_onehot: np.ndarray, weights: np.ndarray | None,
-                 batch_size: int, seed: int, epochs: int):
-    """(tf.data dataset of every epoch's batches, steps per epoch) over cached views.
-
-    Epoch e trains on view `e % K` in a fresh seeded order. The batches are gathered inside
-    tf.data from one in-memory copy, so fetching costs no Python per step, and every batch is
-    full (the few images an epoch leaves out are in the next epoch's order): a smaller last
-    batch would make TensorFlow trace the train step twice, which costs more than an epoch of
-    a small model on cached activations. `fit` must get `steps_per_epoch`, so that it carries
-    on through this one long dataset instead of restarting it every epoch.
-    """
+def view_dataset(views: np.ndarray, labels: np.ndarray, num_classes: int,
+                 class_weight: dict[int, float] | None, batch_size: int, seed: int, epochs: int):
+    """(dataset, steps per epoch) over cached activations, batch for batch what
+    `pipeline.train_stream` feeds the whole model: the same plan, the same copies."""
     import tensorflow as tf
 
-    n = views.shape[1]
-    steps = max(1, n // batch_size)
-    per_epoch = min(n, steps * batch_size)
-    rng = np.random.default_rng(seed)
-    rows = np.concatenate([rng.permutation(n)[:per_epoch] for _ in range(epochs)])
-    view = np.repeat(np.arange(epochs) % len(views), per_epoch)
+    from .pipeline import EpochPlan, plan_dataset
+
+    batch_size = min(batch_size, views.shape[1])
+    plan = EpochPlan.make(views.shape[1], batch_size, seed, epochs, len(views))
     x_all = tf.constant(views)
-    y_all = tf.constant(y_onehot)
-    w_all = None if weights is None else tf.constant(weights)
 
-    def gather(v, r):
-        x = tf.cast(tf.gather_nd(x_all, tf.stack([v, r], axis=1)), tf.float32)
-        if w_all is None:
-            return x, tf.gather(y_all, r)
-        return x, tf.gather(y_all, r), tf.gather(w_all, r)
+    def fetch(v, r):
+        return tf.cast(tf.gather_nd(x_all, tf.stack([v, r], axis=1)), tf.float32)
 
-    ds = tf.data.Dataset.from_tensor_slices((view, rows)).batch(batch_size, drop_remainder=True)
-    return ds.map(gather).prefetch(2), steps
+    return plan_dataset(plan, batch_size, fetch, labels, num_classes, class_weight), plan.steps

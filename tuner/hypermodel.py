@@ -20,7 +20,8 @@ HEAD_PREFIX = "head_"
 
 
 def build_model(params: TrialParams, num_classes: int, weights: str | None = "imagenet",
-                seed: int | None = None) -> keras.Model:
+                seed: int | None = None,
+                reuse: backbones.BaseReuse | None = None) -> keras.Model:
     """Preprocessing -> frozen backbone (always called in inference mode) -> pooled head.
 
     The head is the origin's: global average pooling, Dense(units, relu, L2), Dropout, and a
@@ -29,6 +30,10 @@ def build_model(params: TrialParams, num_classes: int, weights: str | None = "im
     The backbone is called with `training=False`, so its BatchNormalization layers keep their
     ImageNet statistics in both stages: the origin let them update in stage 2, which hurts on
     small datasets. The softmax layer stays float32 under mixed precision.
+
+    `reuse` hands back a backbone an earlier trial built (see `backbones.BaseReuse`). With
+    `seed`, the head's initial weights depend on the seed alone, not on whether the backbone
+    was built (which draws random numbers) or reused, so a trial repeats in a new process.
     """
     spec = backbones.get(params.backbone)
     size = params.input_size
@@ -36,9 +41,14 @@ def build_model(params: TrialParams, num_classes: int, weights: str | None = "im
     x = inputs
     for layer in backbones.preprocessing_layers(spec):
         x = layer(x)
-    base = backbones.build_base(spec, size, weights, params.alpha)
+    if reuse is not None:
+        base = reuse.get(spec, size, weights, params.alpha)
+    else:
+        base = backbones.build_base(spec, size, weights, params.alpha)
     base.trainable = False
     x = base(x, training=False)
+    if seed is not None:
+        keras.utils.set_random_seed(seed)
     x = keras.layers.GlobalAveragePooling2D(name=f"{HEAD_PREFIX}pool")(x)
     regularizer = keras.regularizers.L2(params.l2) if params.l2 > 0 else None
     if params.dense_units:
@@ -72,6 +82,7 @@ class PersonHyperModel(kt.HyperModel):
         self.space = space
         self.classes = list(classes)
         self.fit_config = fit_config
+        self.bases = backbones.BaseReuse()
 
     def params(self, hp) -> TrialParams:
         """The trial's concrete hyperparameters (registers them with `hp` on first call)."""
@@ -86,7 +97,8 @@ class PersonHyperModel(kt.HyperModel):
         keras.utils.set_random_seed(cfg.seed)
         if cfg.mixed_precision:
             keras.mixed_precision.set_global_policy("mixed_float16")
-        return build_model(params, len(self.classes), cfg.weights, seed=cfg.seed)
+        return build_model(params, len(self.classes), cfg.weights, seed=cfg.seed,
+                           reuse=self.bases)
 
     def fit(self, hp, model, data=None, reporter=None, callbacks=None, epochs=None, **kwargs):
         """Run both stages; returns the metrics dict whose objective KerasTuner and Optuna read.

@@ -3,8 +3,9 @@
 Decoding (Pillow: EXIF orientation, 16-bit, CMYK, alpha; see `data.open_rgb`) is the slow,
 trial-independent part, so a search decodes each image once per input size and every later
 trial reuses the uint8 array, from memory or from an `.npy` file under the run directory keyed
-by the split's fingerprint. Augmentation runs on the fly as Keras preprocessing layers in the
-tf.data map, so the model itself stays free of training-only layers and exports cleanly.
+by the split's fingerprint. Augmentation runs on the fly in the tf.data map (one composed affine
+warp per image, seeded per batch), so the model itself stays free of training-only layers and
+exports cleanly.
 Model inputs are raw RGB 0..255; backbone preprocessing is inside the model.
 """
 from __future__ import annotations
@@ -129,66 +130,155 @@ def split_arrays(split_df: pd.DataFrame, classes: list[str], cache: ImageCache, 
                        rows["path"].to_numpy())
 
 
-def augmentation(strength: float, seed: int | None = None):
-    """Keras preprocessing layers for on-the-fly augmentation; None when strength is 0.
+def views_for(params, cfg) -> int:
+    """Augmented copies of each training image (TrialParams, FitConfig): one without augmentation."""
+    return cfg.augment_views if params.augment > 0 else 1
 
-    Strength 1.0 is the origin's ImageDataGenerator (rotation 40 degrees, shift, zoom and shear
-    0.2, horizontal flip); the search scales all of them together.
+
+def warp_draws(n: int, views: int, seed: int) -> np.ndarray:
+    """Uniform(-1, 1) draws (views, n, 6) that fix every augmented copy of every image.
+
+    Copy v of image i is a pure function of (seed, v, i), not of batching, thread order or
+    whether a cache computed it, so a cached trial trains on exactly the pixels an uncached
+    one does.
+    """
+    rng = np.random.default_rng([seed, 0x5EED])
+    return rng.uniform(-1.0, 1.0, size=(views, n, 6)).astype(np.float32)
+
+
+def augmentation(strength: float):
+    """`augment(images, draws) -> images`: one affine warp per image; None at strength 0.
+
+    Strength 1.0 is the origin's ImageDataGenerator (rotation 40 degrees, shift and zoom 0.2,
+    shear 0.2, horizontal flip, nearest fill); the search scales all of them together. Like
+    ImageDataGenerator, flip, rotation, shift, zoom and shear are composed into one matrix and
+    each image is resampled once: a chain of five Keras random layers resamples five times and
+    cost six times as much per batch here. `draws` holds each image's six numbers from
+    `warp_draws`.
     """
     if strength <= 0:
         return None
-    import keras
+    import math
+
+    import tensorflow as tf
 
     a = ORIGIN_AUGMENT
-    # Each layer its own seed, so flips, rotations and shifts are not drawn in lockstep.
-    seeds = [None] * 5 if seed is None else [seed + i for i in range(5)]
-    return keras.Sequential(
-        [
-            keras.layers.RandomFlip("horizontal", seed=seeds[0]),
-            keras.layers.RandomRotation(a["rotation_degrees"] * strength / 360.0,
-                                        fill_mode="nearest", seed=seeds[1]),
-            keras.layers.RandomTranslation(a["shift"] * strength, a["shift"] * strength,
-                                           fill_mode="nearest", seed=seeds[2]),
-            keras.layers.RandomZoom(a["zoom"] * strength, fill_mode="nearest", seed=seeds[3]),
-            keras.layers.RandomShear(x_factor=a["shear"] * strength, y_factor=0.0,
-                                     fill_mode="nearest", seed=seeds[4]),
-        ],
-        name="augmentation",
-    )
+    max_angle = math.radians(a["rotation_degrees"]) * strength
+    shift, zoom, shear = a["shift"] * strength, a["zoom"] * strength, a["shear"] * strength
+
+    def augment(images, u):
+        shape = tf.shape(images)
+        h, w = tf.cast(shape[1], tf.float32), tf.cast(shape[2], tf.float32)
+        flip = tf.where(u[:, 0] < 0.0, -1.0, 1.0)
+        cos, sin = tf.cos(u[:, 1] * max_angle), tf.sin(u[:, 1] * max_angle)
+        scale = 1.0 + u[:, 4] * zoom  # > 1 samples a larger area: zooms out
+        k = u[:, 5] * shear
+        # Output pixel -> input pixel: p_in = R(angle) Shear(k) Zoom(scale) Flip (p_out - c) + c + t
+        m00, m01 = cos * scale * flip, (cos * k - sin) * scale
+        m10, m11 = sin * scale * flip, (sin * k + cos) * scale
+        cx, cy = (w - 1.0) / 2.0, (h - 1.0) / 2.0
+        tx, ty = u[:, 2] * shift * w, u[:, 3] * shift * h
+        zeros = tf.zeros_like(cos)
+        transforms = tf.stack([m00, m01, cx - m00 * cx - m01 * cy + tx,
+                               m10, m11, cy - m10 * cx - m11 * cy + ty, zeros, zeros], axis=1)
+        # Bilinear samples and nearest fill stay within the input's 0..255.
+        return tf.raw_ops.ImageProjectiveTransformV3(
+            images=images, transforms=transforms, output_shape=shape[1:3], fill_value=0.0,
+            interpolation="BILINEAR", fill_mode="NEAREST")
+
+    return augment
 
 
-def make_dataset(arrays: SplitArrays, num_classes: int, batch_size: int, *, training: bool,
-                 class_weight: dict[int, float] | None = None, augment_strength: float = 0.0,
-                 seed: int = 0, shuffle: bool | None = None):
-    """A tf.data pipeline of (float32 pixels 0..255, one-hot labels[, sample weights]).
+def make_dataset(arrays: SplitArrays, num_classes: int, batch_size: int):
+    """Evaluation batches in file order: (float32 pixels 0..255, one-hot labels)."""
+    import tensorflow as tf
 
-    One-hot labels let the loss apply label smoothing; class weights become per-sample weights
-    so they work the same in every Keras version and with any loss.
+    y = np.eye(num_classes, dtype=np.float32)[arrays.y]
+    ds = tf.data.Dataset.from_tensor_slices((arrays.x, y)).batch(batch_size)
+    return ds.map(lambda x, y_: (tf.cast(x, tf.float32), y_),
+                  num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """Every training step's rows: epoch e takes copy `e % K` of each image in a fresh seeded
+    order, in full batches (which few images an epoch leaves out changes every epoch; a
+    smaller last batch would make TensorFlow trace the train step twice)."""
+
+    view: np.ndarray  # augmented copy per row
+    rows: np.ndarray  # image index per row
+    steps: int  # per epoch
+
+    @classmethod
+    def make(cls, n: int, batch_size: int, seed: int, epochs: int, views: int) -> "EpochPlan":
+        steps = max(1, n // batch_size)
+        per_epoch = min(n, steps * batch_size)
+        rng = np.random.default_rng(seed)
+        rows = np.concatenate([rng.permutation(n)[:per_epoch] for _ in range(epochs)])
+        return cls(np.repeat(np.arange(epochs) % views, per_epoch), rows, steps)
+
+
+def plan_dataset(plan: EpochPlan, batch_size: int, fetch, labels: np.ndarray, num_classes: int,
+                 class_weight: dict[int, float] | None = None):
+    """The plan's batches as one tf.data stream over all epochs: (x, one-hot[, weight]).
+
+    `fetch(view, rows) -> x` gathers a batch from one in-memory copy (images or cached
+    activations), so no Python runs per step; `fit` needs `steps_per_epoch=plan.steps`
+    to carry on through this one long stream instead of restarting it every epoch. One-hot
+    labels let the loss apply label smoothing; class weights become per-sample weights.
     """
     import tensorflow as tf
 
-    x = arrays.x
-    y = np.eye(num_classes, dtype=np.float32)[arrays.y]
-    tensors: tuple = (x, y)
-    if training and class_weight:
-        w = np.array([class_weight[int(c)] for c in arrays.y], dtype=np.float32)
-        tensors = (x, y, w)
-    ds = tf.data.Dataset.from_tensor_slices(tensors)
-    if training if shuffle is None else shuffle:
-        ds = ds.shuffle(max(len(x), 1), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size)
+    y_all = tf.constant(np.eye(num_classes, dtype=np.float32)[labels])
+    w_all = None if not class_weight else tf.constant(
+        np.array([class_weight[int(c)] for c in labels], dtype=np.float32))
 
-    def to_float(*t):
-        return (tf.cast(t[0], tf.float32),) + tuple(t[1:])
+    def batch(v, r):
+        x = fetch(v, r)
+        return (x, tf.gather(y_all, r)) if w_all is None else \
+            (x, tf.gather(y_all, r), tf.gather(w_all, r))
 
-    ds = ds.map(to_float, num_parallel_calls=tf.data.AUTOTUNE)
-    aug = augmentation(augment_strength, seed) if training else None
-    if aug is not None:
-        def augment(*t):
-            return (tf.clip_by_value(aug(t[0], training=True), 0.0, 255.0),) + tuple(t[1:])
+    ds = tf.data.Dataset.from_tensor_slices((plan.view, plan.rows))
+    ds = ds.batch(batch_size, drop_remainder=True)
+    return ds.map(batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True) \
+        .prefetch(tf.data.AUTOTUNE)
 
-        # Serial on purpose: Keras's random layers draw from a stateful seed generator, and
-        # parallel calls would take the draws in thread order, so one seed would not repeat a
-        # trial. A batch is one vectorised op per layer; prefetch still overlaps it.
-        ds = ds.map(augment)
-    return ds.prefetch(tf.data.AUTOTUNE)
+
+def image_fetch(images: np.ndarray, augment_strength: float, seed: int, views: int):
+    """`fetch(view, rows)` for `plan_dataset` over uint8 images: float pixels, warped as copy
+    `view` of each row (unchanged when augmentation is off)."""
+    import tensorflow as tf
+
+    x_all = tf.constant(images)
+    aug = augmentation(augment_strength)
+    u_all = tf.constant(warp_draws(len(images), views, seed)) if aug is not None else None
+
+    def fetch(v, r):
+        x = tf.cast(tf.gather(x_all, r), tf.float32)
+        if aug is None:
+            return x
+        return aug(x, tf.gather_nd(u_all, tf.stack([v, r], axis=1)))
+
+    return fetch
+
+
+def train_stream(arrays: SplitArrays, num_classes: int, batch_size: int, *, seed: int,
+                 epochs: int, views: int, augment_strength: float = 0.0,
+                 class_weight: dict[int, float] | None = None):
+    """(dataset, steps per epoch) of one stage's training batches through the whole model."""
+    batch_size = min(batch_size, len(arrays.y))
+    plan = EpochPlan.make(len(arrays.y), batch_size, seed, epochs, views)
+    fetch = image_fetch(arrays.x, augment_strength, seed, views)
+    return plan_dataset(plan, batch_size, fetch, arrays.y, num_classes, class_weight), plan.steps
+
+
+def view_batches(arrays: SplitArrays, view: int, batch_size: int, augment_strength: float,
+                 seed: int, views: int):
+    """Copy `view` of every image, in file order (what the activation caches store)."""
+    import tensorflow as tf
+
+    fetch = image_fetch(arrays.x, augment_strength, seed, views)
+    rows = np.arange(len(arrays.y))
+    ds = tf.data.Dataset.from_tensor_slices((np.full_like(rows, view), rows)).batch(batch_size)
+    return ds.map(fetch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True) \
+        .prefetch(tf.data.AUTOTUNE)

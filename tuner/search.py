@@ -83,8 +83,8 @@ def prepare(config: SearchConfig) -> Run:
         from .features import FeatureCache
 
         anchors = {name: b.freeze_block[0] for name, b in space.backbones.items()}
-        features = FeatureCache(root / "cache", views=config.feature_views,
-                                memory_mb=config.cache_memory_mb, anchor_blocks=anchors)
+        features = FeatureCache(root / "cache", memory_mb=config.cache_memory_mb,
+                                anchor_blocks=anchors)
     data = TrialData(split_df, classes, cache, config.fit.class_weight, features)
     return Run(config, space, data)
 

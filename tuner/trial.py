@@ -23,7 +23,8 @@ from . import backbones
 from .config import FitConfig, TrialParams
 from .data import class_weights
 from .hypermodel import base_of
-from .pipeline import ImageCache, SplitArrays, make_dataset, split_arrays
+from .pipeline import (ImageCache, SplitArrays, make_dataset, split_arrays, train_stream,
+                       views_for)
 
 log = logging.getLogger(__name__)
 
@@ -153,13 +154,23 @@ class TrialResult:
 
 
 def compile_model(model: keras.Model, learning_rate: float, params: TrialParams,
-                  cfg: FitConfig) -> None:
+                  cfg: FitConfig, train_ds=None) -> None:
+    """Compile for one stage; with `train_ds`, also create the optimizer's and metrics' state.
+
+    Keras (TensorFlow backend, no distribution strategy) otherwise creates that state inside
+    the first trace of the train step, and because the trace created variables TensorFlow
+    traces the whole step a second time: building it first halves the tracing, which is a
+    large share of a trial on cached activations.
+    """
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=params.label_smoothing),
         metrics=["accuracy"],
         jit_compile=cfg.jit_compile,
     )
+    build = getattr(model, "_symbolic_build", None)  # Keras 3's own pre-fit build
+    if train_ds is not None and build is not None:
+        build(data_batch=train_ds.element_spec)
 
 
 def run_two_stages(model: keras.Model, params: TrialParams, data: TrialData, cfg: FitConfig,
@@ -170,10 +181,7 @@ def run_two_stages(model: keras.Model, params: TrialParams, data: TrialData, cfg
     size, k = params.input_size, len(data.classes)
     train, val = data.arrays("train", size), data.arrays("val", size)
     class_weight = data.class_weight()
-    train_ds = make_dataset(train, k, params.batch_size, training=True,
-                            class_weight=class_weight, augment_strength=params.augment,
-                            seed=cfg.seed)
-    val_ds = make_dataset(val, k, max(params.batch_size, 64), training=False)
+    val_ds = make_dataset(val, k, max(params.batch_size, 64))
     result = TrialResult(params=params, objective=cfg.objective)
 
     def on_step(epoch: int, logs: dict[str, float]) -> None:
@@ -185,13 +193,18 @@ def run_two_stages(model: keras.Model, params: TrialParams, data: TrialData, cfg
         if reporter is not None:
             reporter.report(step, entry)
 
-    def fit_stage(epochs: int) -> int:
+    def fit_stage(learning_rate: float, epochs: int) -> int:
+        train_ds, steps = train_stream(train, k, params.batch_size, seed=cfg.seed,
+                                       epochs=epochs, views=views_for(params, cfg),
+                                       augment_strength=params.augment,
+                                       class_weight=class_weight)
+        compile_model(model, learning_rate, params, cfg, train_ds)
         early = keras.callbacks.EarlyStopping(monitor=cfg.objective, mode="max",
                                               patience=cfg.patience, restore_best_weights=True)
         callbacks = [ValidationMetrics(val_ds, val.y, k, on_step), early,
                      _Relay(extra_callbacks)]
-        history = model.fit(train_ds, epochs=epochs, callbacks=callbacks, verbose=cfg.verbose,
-                            shuffle=False)  # the dataset shuffles itself
+        history = model.fit(train_ds, epochs=epochs, steps_per_epoch=steps, callbacks=callbacks,
+                            verbose=cfg.verbose, shuffle=False)  # the plan fixes the order
         return len(history.history.get("loss", []))
 
     base = base_of(model)
@@ -211,8 +224,7 @@ def run_two_stages(model: keras.Model, params: TrialParams, data: TrialData, cfg
                                            params.lr_stage1, cfg.max_epochs_stage1, params, cfg,
                                            train, val, class_weight, on_step, extra_callbacks)
     else:
-        compile_model(model, params.lr_stage1, params, cfg)
-        result.epochs_stage1 = fit_stage(cfg.max_epochs_stage1)
+        result.epochs_stage1 = fit_stage(params.lr_stage1, cfg.max_epochs_stage1)
     result.stage1_best = _best(result.history, cfg.objective, stage=1)
     last_step = result.history[-1]["step"] if result.history else -1
     if reporter is not None and cfg.max_epochs_stage2 > 0 \
@@ -235,8 +247,7 @@ def run_two_stages(model: keras.Model, params: TrialParams, data: TrialData, cfg
                                                cfg, train, val, class_weight, on_step,
                                                extra_callbacks)
         else:
-            compile_model(model, params.lr_stage2, params, cfg)
-            result.epochs_stage2 = fit_stage(cfg.max_epochs_stage2)
+            result.epochs_stage2 = fit_stage(params.lr_stage2, cfg.max_epochs_stage2)
         result.stage2_best = _best(result.history, cfg.objective, stage=2)
         if not result.stage2_best > result.stage1_best:
             model.set_weights(stage1_weights)  # stage 2 never beat stage 1: keep stage 1
@@ -251,19 +262,17 @@ def run_two_stages(model: keras.Model, params: TrialParams, data: TrialData, cfg
 def _fit_cached(net: keras.Model, feats, learning_rate: float, epochs: int, params: TrialParams,
                 cfg: FitConfig, train: SplitArrays, val: SplitArrays, class_weight, on_step,
                 extra_callbacks) -> int:
-    """Fit `net` (layers shared with the full model) on cached activations: K augmented
-    training views, one per epoch, validated on the cached validation activations."""
+    """Fit `net` (layers shared with the full model) on cached activations: the same batches
+    of the same augmented copies as `fit_stage`, validated on the cached validation
+    activations."""
     import tensorflow as tf
 
     from .features import view_dataset
 
     k = int(net.output.shape[-1])
-    compile_model(net, learning_rate, params, cfg)
-    y = np.eye(k, dtype=np.float32)[train.y]
-    w = (np.array([class_weight[int(c)] for c in train.y], dtype=np.float32)
-         if class_weight else None)
-    train_ds, steps = view_dataset(feats.train, y, w, min(params.batch_size, len(y)), cfg.seed,
-                                   epochs)
+    train_ds, steps = view_dataset(feats.train, train.y, k, class_weight, params.batch_size,
+                                   cfg.seed, epochs)
+    compile_model(net, learning_rate, params, cfg, train_ds)
     val_ds = tf.data.Dataset.from_tensor_slices(
         (feats.val.astype(np.float32), np.eye(k, dtype=np.float32)[val.y])).batch(256)
     early = keras.callbacks.EarlyStopping(monitor=cfg.objective, mode="max",
@@ -271,7 +280,7 @@ def _fit_cached(net: keras.Model, feats, learning_rate: float, epochs: int, para
     callbacks = [ValidationMetrics(val_ds, val.y, k, on_step, eager=True), early,
                  _Relay(extra_callbacks)]
     history = net.fit(train_ds, epochs=epochs, steps_per_epoch=steps, callbacks=callbacks,
-                      verbose=cfg.verbose, shuffle=False)  # the dataset is in a seeded order
+                      verbose=cfg.verbose, shuffle=False)  # the plan fixes the order
     return len(history.history.get("loss", []))
 
 
