@@ -254,8 +254,8 @@ class BaseReuse:
             base, loaded = self._built.pop(key)
             base.set_weights(loaded)
             base.trainable = False
-            if hasattr(base, "_inbound_nodes"):
-                base._inbound_nodes.clear()  # the previous trial's call of it
+            for nodes in ("_inbound_nodes", "_outbound_nodes"):  # the previous trial's model
+                getattr(base, nodes, []).clear()
         else:
             base = build_base(spec, input_size, weights, alpha)
             base.trainable = False

@@ -3,10 +3,11 @@
 In stage 1 the backbone is frozen and in inference mode, so its pooled output for a given
 image (and augmentation draw) never changes: a naive search pays a full backbone forward pass
 per image per epoch per trial for numbers it has already computed. Here the pooled features
-of K augmented views of every training image (one view when augmentation is off) and of the
-validation images are computed once per (backbone, alpha, input size, weights, augmentation,
-split) and kept in memory and under `RUN/cache/`; stage 1 then trains the trial's own head
-layers (shared with the full model) on them, one view per epoch.
+of the K augmented copies of every training image (`pipeline.warp_draws`; one copy when
+augmentation is off) and of the validation images are computed once per (backbone, alpha,
+input size, weights, augmentation, split) and kept in memory and under `RUN/cache/`; stage 1
+then trains the trial's own head layers (shared with the full model) on them, batch for batch
+the plan an uncached trial follows (`pipeline.EpochPlan`), so the cache changes only speed.
 
 Stage 2 is the same idea one level down: below the freeze depth the backbone stays frozen
 (BatchNormalization included), so the activations at the freeze point are cached too (same K
