@@ -265,9 +265,6 @@ class BaseReuse:
             self._built.pop(next(iter(self._built)))
         return base
 
-    def clear(self) -> None:
-        self._built.clear()
-
 
 def _build_imagenet(spec: BackboneSpec, what: str, kwargs: dict) -> keras.Model:
     """Build with Keras's cached (or downloaded) ImageNet file; offline and uncached is a WeightsError."""

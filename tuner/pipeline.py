@@ -4,7 +4,7 @@ Decoding (Pillow: EXIF orientation, 16-bit, CMYK, alpha; see `data.open_rgb`) is
 trial-independent part, so a search decodes each image once per input size and every later
 trial reuses the uint8 array, from memory or from an `.npy` file under the run directory keyed
 by the split's fingerprint. Augmentation runs on the fly in the tf.data map (one composed affine
-warp per image, seeded per batch), so the model itself stays free of training-only layers and
+warp per image, fixed by the seed), so the model itself stays free of training-only layers and
 exports cleanly.
 Model inputs are raw RGB 0..255; backbone preprocessing is inside the model.
 """
@@ -138,8 +138,8 @@ def views_for(params, cfg) -> int:
 def warp_draws(n: int, views: int, seed: int) -> np.ndarray:
     """Uniform(-1, 1) draws (views, n, 6) that fix every augmented copy of every image.
 
-    Copy v of image i is a pure function of (seed, v, i), not of batching, thread order or
-    whether a cache computed it, so a cached trial trains on exactly the pixels an uncached
+    For a given training set, copy v of image i is a pure function of (seed, v, i), not of
+    batching, thread order or whether a cache computed it, so a cached trial trains on exactly the pixels an uncached
     one does.
     """
     rng = np.random.default_rng([seed, 0x5EED])
@@ -272,13 +272,15 @@ def train_stream(arrays: SplitArrays, num_classes: int, batch_size: int, *, seed
     return plan_dataset(plan, batch_size, fetch, arrays.y, num_classes, class_weight), plan.steps
 
 
-def view_batches(arrays: SplitArrays, view: int, batch_size: int, augment_strength: float,
+def view_batches(arrays: SplitArrays, copies, batch_size: int, augment_strength: float,
                  seed: int, views: int):
-    """Copy `view` of every image, in file order (what the activation caches store)."""
+    """Each of `copies` of every image, copy by copy, in file order (what the caches store)."""
     import tensorflow as tf
 
     fetch = image_fetch(arrays.x, augment_strength, seed, views)
-    rows = np.arange(len(arrays.y))
-    ds = tf.data.Dataset.from_tensor_slices((np.full_like(rows, view), rows)).batch(batch_size)
+    n = len(arrays.y)
+    view = np.repeat(np.asarray(list(copies), dtype=np.int64), n)
+    rows = np.tile(np.arange(n, dtype=np.int64), len(view) // max(n, 1))
+    ds = tf.data.Dataset.from_tensor_slices((view, rows)).batch(batch_size)
     return ds.map(fetch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True) \
         .prefetch(tf.data.AUTOTUNE)
