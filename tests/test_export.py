@@ -20,10 +20,11 @@ from tuner.errors import UsageError
 
 DATA = Path(__file__).parent / "data"
 # Measured on this run (sample/lfw_mini, MobileNet 0.25 at 96 px, head trained 15 epochs):
-# int8 top-1 agreement with Keras 0.875 on the 32 test photos, the disagreements all near-ties.
-# A model this small stays below the default --min-agreement 0.97; the floor catches breakage
-# (a wrong input scale or a per-tensor quantised depthwise layer gives agreement near 0.1).
-INT8_AGREEMENT_FLOOR = 0.8
+# int8 top-1 agreement with Keras 0.81-0.875 on the 32 test photos (it moves with the training
+# run), the disagreements all near-ties. A model this small stays below the default
+# --min-agreement 0.97; the floor catches breakage (a wrong input scale or a per-tensor
+# quantised depthwise layer gives agreement near 0.1) without failing on one more near-tie.
+INT8_AGREEMENT_FLOOR = 0.7
 
 
 @pytest.fixture(scope="session")
