@@ -214,12 +214,32 @@ class FeatureCache:
 
 
 def _derive(net: keras.Model, source: Features, dtype) -> Features:
-    """Run frozen layers over cached activations (every view, and val), in one `predict`:
-    each call costs a fixed setup that would otherwise be paid per view."""
+    """Run frozen layers over cached activations (every view, and val)."""
     k, n = source.train.shape[:2]
-    rows = np.concatenate([source.train.reshape(k * n, *source.train.shape[2:]), source.val])
-    out = net.predict(rows.astype(np.float32), batch_size=256, verbose=0).astype(dtype)
-    return Features(out[:k * n].reshape(k, n, *out.shape[1:]), out[k * n:])
+    flat = source.train.reshape(k * n, *source.train.shape[2:])  # a view, not a copy
+    train = _run_batches(net, (flat[i:i + 256] for i in range(0, len(flat), 256)), len(flat),
+                         dtype)
+    val = _run_batches(net, (source.val[i:i + 256] for i in range(0, len(source.val), 256)),
+                       len(source.val), dtype)
+    return Features(train.reshape(k, n, *train.shape[1:]), val)
+
+
+def _run_batches(net: keras.Model, batches, rows: int, dtype) -> np.ndarray:
+    """`net` over batches, written straight into one array of `dtype`.
+
+    One traced predict function serves every batch (no per-call setup), and no float32 copy
+    of the whole input or output is ever made: at large inputs the cached activations are
+    gigabytes, and a float32 copy would double them.
+    """
+    out = np.empty((rows, *net.output.shape[1:]), dtype)
+    i = 0
+    for x in batches:
+        y = keras.ops.convert_to_numpy(net.predict_on_batch(np.asarray(x, np.float32)))
+        out[i:i + len(y)] = y
+        i += len(y)
+    if i != rows:
+        raise RuntimeError(f"expected {rows} rows of activations, got {i}")
+    return out
 
 
 def _split_key(data) -> str:
@@ -243,12 +263,12 @@ def extract(extractor: keras.Model, params: TrialParams, data, cfg: FitConfig,
 
     size, k = params.input_size, len(data.classes)
     train, val = data.arrays("train", size), data.arrays("val", size)
-    views = views_for(params, cfg)
-    train_ds = view_batches(train, range(views), 64, params.augment, cfg.seed, views)
-    out = extractor.predict(train_ds, verbose=0).astype(dtype)
+    views, n = views_for(params, cfg), len(train.y)
+    out = _run_batches(extractor, view_batches(train, range(views), 64, params.augment,
+                                               cfg.seed, views), views * n, dtype)
     val_ds = make_dataset(val, k, 64).map(lambda x, y: x)
-    return Features(out.reshape(views, len(train.y), *out.shape[1:]),
-                    extractor.predict(val_ds, verbose=0).astype(dtype))
+    return Features(out.reshape(views, n, *out.shape[1:]),
+                    _run_batches(extractor, val_ds, len(val.y), dtype))
 
 
 def head_model(model: keras.Model, feature_dim: int) -> keras.Model:
