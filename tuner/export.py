@@ -45,6 +45,9 @@ LABELS = "labels.txt"
 SCHEMA_VERSION = 1
 DEFAULT_MIN_AGREEMENT = 0.97
 DEFAULT_CALIBRATION_IMAGES = 200
+# How int8 weights are rounded: "adaptive" (tuner.quantize: each weight's direction chosen to
+# minimise its layer's output error on the calibration images) or "nearest" (the converter's).
+WEIGHT_ROUNDINGS = ("adaptive", "nearest")
 LATENCY_IMAGES = 20  # single-image runs timed per format (after one warm-up run)
 EDGETPU_COMPILER = "edgetpu_compiler"
 EDGETPU_LOG = "edgetpu_compiler.log"
@@ -103,7 +106,8 @@ def _export_tflite_int8(job: "_Job", path: Path) -> dict:
     import tensorflow as tf
 
     calibration = job.calibration()
-    converter = tf.lite.TFLiteConverter.from_saved_model(str(job.static_saved_model()))
+    saved_model, rounding = job.int8_saved_model()
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.representative_dataset = calibration.representative_dataset
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
@@ -116,7 +120,7 @@ def _export_tflite_int8(job: "_Job", path: Path) -> dict:
         # Camera pixels would no longer map 1:1 onto the calibrated range.
         raise ExportError(f"int8 input quantisation is scale {scale:g}, zero point {zero_point}; "
                           "expected 1 and 0 (calibration did not span 0..255)")
-    return info
+    return {**info, "weight_rounding": rounding}
 
 
 def _export_edgetpu(job: "_Job", path: Path) -> dict:
@@ -597,19 +601,41 @@ class _Job:
     data_dir: Path
     classes: list[str]
     calibration_images: int
+    weight_rounding: str = "adaptive"
     _static: Path | None = None
     _calibration: Calibration | None = None
+    _int8_model: tuple[Path, dict] | None = None
 
     def static_saved_model(self) -> Path:
         """A batch-1 SavedModel: the TFLite converters' input (the Edge TPU needs static shapes)."""
         if self._static is None:
-            import tensorflow as tf
-
-            self._static = self.out / ".static_saved_model"
-            spec = tf.TensorSpec((1, self.size, self.size, 3), tf.float32, name="image")
-            self.model.export(str(self._static), format="tf_saved_model",
-                              input_signature=[spec], verbose=False)
+            self._static = self._export_static(self.model, self.out / ".static_saved_model")
         return self._static
+
+    def int8_saved_model(self) -> tuple[Path, dict]:
+        """The static SavedModel the int8 converter starts from, and how its weights were
+        rounded: with "adaptive", a copy of the model whose kernels already sit on the int8 grid
+        (tuner.quantize); the other formats keep the trained weights."""
+        if self._int8_model is None:
+            if self.weight_rounding == "nearest":
+                self._int8_model = self.static_saved_model(), {"method": "nearest"}
+            else:
+                from .best import load_keras_model
+                from .quantize import round_weights
+
+                model = load_keras_model(self.run_dir / "best" / "model.keras")
+                calibration = self.calibration()
+                info = round_weights(model, calibration.images[:calibration.info["images"]])
+                self._int8_model = (self._export_static(model, self.out / ".int8_saved_model"),
+                                    info)
+        return self._int8_model
+
+    def _export_static(self, model, path: Path) -> Path:
+        import tensorflow as tf
+
+        spec = tf.TensorSpec((1, self.size, self.size, 3), tf.float32, name="image")
+        model.export(str(path), format="tf_saved_model", input_signature=[spec], verbose=False)
+        return path
 
     def calibration(self) -> Calibration:
         if self._calibration is None:
@@ -618,8 +644,9 @@ class _Job:
         return self._calibration
 
     def cleanup(self) -> None:
-        if self._static is not None:
-            shutil.rmtree(self._static, ignore_errors=True)
+        for path in (self._static, self._int8_model and self._int8_model[0]):
+            if path:
+                shutil.rmtree(path, ignore_errors=True)
 
 
 @dataclass
@@ -640,6 +667,7 @@ class ExportResult:
 
 def export_run(run_dir: Path, formats=None, *, min_agreement: float = DEFAULT_MIN_AGREEMENT,
                calibration_images: int = DEFAULT_CALIBRATION_IMAGES,
+               weight_rounding: str = WEIGHT_ROUNDINGS[0],
                data_dir: Path | None = None, out_dir: Path | None = None,
                num_threads: int | None = 1) -> ExportResult:
     """Export RUN/best to `formats` (default: all) in RUN/export, check parity, write the manifest.
@@ -655,6 +683,9 @@ def export_run(run_dir: Path, formats=None, *, min_agreement: float = DEFAULT_MI
     names = resolve_formats(formats)
     if calibration_images < 1:
         raise UsageError(f"--calibration-images {calibration_images}: must be at least 1")
+    if weight_rounding not in WEIGHT_ROUNDINGS:
+        raise UsageError(f"--weight-rounding {weight_rounding}: choose one of "
+                         f"{', '.join(WEIGHT_ROUNDINGS)}")
     best_dir = run_dir / "best"
     best = load_manifest(best_dir)
     model = load_keras_model(best_dir / "model.keras")
@@ -671,7 +702,8 @@ def export_run(run_dir: Path, formats=None, *, min_agreement: float = DEFAULT_MI
     staging = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    job = _Job(run_dir, staging, model, size, split_df, data_dir, classes, calibration_images)
+    job = _Job(run_dir, staging, model, size, split_df, data_dir, classes, calibration_images,
+               weight_rounding)
     try:
         entries, failures = _build_formats(job, names)
         job.cleanup()
@@ -757,6 +789,8 @@ def _parity(job: _Job, entries: dict[str, dict], best: dict, min_agreement: floa
             "top1_accuracy": float((probs.argmax(axis=1) == y).mean()),
             "agreement": agreement,
             "max_probability_difference": float(np.abs(probs - reference).max()),
+            # per photo, the largest change of any class's probability; averaged
+            "mean_probability_difference": float(np.abs(probs - reference).max(axis=1).mean()),
             "latency_ms": round(runner.latency_ms(x[:LATENCY_IMAGES]), 3),
         }
         # The disagreements, for inspection: nearly always near-ties in the Keras model.
@@ -912,6 +946,11 @@ def format_table(manifest: dict) -> str:
                                      "CPU ms/image", "status"], tablefmt="github"),
              f"test split: {parity.get('n', 0)} images; accuracy includes the Unknown "
              f"threshold {manifest.get('threshold', 0):.3f}; agreement = top-1 equal to Keras"]
+    rounding = manifest["formats"].get("int8", {}).get("weight_rounding")
+    if rounding and rounding.get("method") == "adaptive":
+        lines.append(f"int8 weights: adaptive rounding, {rounding['flipped_from_nearest']} of "
+                     f"{rounding['weights']} weights in {rounding['layers']} layers rounded "
+                     f"away from nearest ({rounding['seconds']:.0f} s)")
     edgetpu = manifest["formats"].get("edgetpu")
     if edgetpu:
         lines.append(_edgetpu_line(edgetpu))
@@ -954,6 +993,10 @@ def add_cli(subparsers) -> None:
                         f"on the test split is below F (default {DEFAULT_MIN_AGREEMENT})")
     p.add_argument("--calibration-images", type=int, default=DEFAULT_CALIBRATION_IMAGES,
                    metavar="N", help="training images (class-stratified) for int8 calibration")
+    p.add_argument("--weight-rounding", choices=WEIGHT_ROUNDINGS, default=WEIGHT_ROUNDINGS[0],
+                   help="int8 weights: 'adaptive' rounds each weight the way that minimises its "
+                        "layer's output error on the calibration images (default); 'nearest' "
+                        "is the converter's plain rounding")
     p.add_argument("--data", type=Path, metavar="DIR",
                    help="the dataset folder, if it moved since the search (default: from "
                         "RUN/config.json)")
@@ -964,7 +1007,8 @@ def add_cli(subparsers) -> None:
 
 def cmd_export(args) -> int:
     result = export_run(args.run_dir, args.formats, min_agreement=args.min_agreement,
-                        calibration_images=args.calibration_images, data_dir=args.data,
+                        calibration_images=args.calibration_images,
+                        weight_rounding=args.weight_rounding, data_dir=args.data,
                         out_dir=args.output)
     if getattr(args, "json", False):
         print(json.dumps(result.manifest, indent=2))
