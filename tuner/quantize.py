@@ -90,7 +90,9 @@ class _Target:
         else:
             mean = mean[:, None]
         rounded, flipped = round_channelwise(w, gram)
-        k.assign((rounded / self.fold).reshape(k.shape).astype(k.dtype))
+        # A channel whose BatchNormalization scale is 0 outputs a constant: any kernel will do.
+        k.assign((rounded / np.where(self.fold == 0, 1, self.fold)).reshape(k.shape)
+                 .astype(k.dtype))
         self._shift_bias(((w - rounded) * mean).sum(axis=0))
         self.gram = self.total = None
         return w.size, flipped
