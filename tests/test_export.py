@@ -20,7 +20,7 @@ from tuner.errors import UsageError
 
 DATA = Path(__file__).parent / "data"
 # Measured on this run (sample/lfw_mini, MobileNet 0.25 at 96 px, head trained 15 epochs):
-# int8 top-1 agreement with Keras 0.94 on the 32 test photos with adaptive weight rounding
+# int8 top-1 agreement with Keras 0.91-0.94 on the 32 test photos with adaptive weight rounding
 # (0.81 with nearest rounding), the disagreements near-ties. With 32 photos, the default
 # --min-agreement 0.97 allows no disagreement at all; the floor catches breakage (a wrong input
 # scale or a per-tensor quantised depthwise layer gives agreement near 0.1) without failing on
@@ -258,8 +258,8 @@ def test_adaptive_weight_rounding_brings_int8_closer_to_keras_than_nearest(
     nearest = json.loads((run / "export" / "manifest.json").read_text())["formats"]["int8"]
     assert nearest["weight_rounding"] == {"method": "nearest"}
     ours = adaptive.manifest["formats"]["int8"]["metrics"]
-    # Measured: mean largest probability change per test photo 0.116 nearest, 0.053 adaptive;
-    # agreement 0.81 nearest, 0.94 adaptive (26 and 30 of 32 photos).
+    # Measured: mean largest probability change per test photo 0.116 nearest, 0.053-0.055
+    # adaptive; agreement 0.81 nearest, 0.91-0.94 adaptive (26, and 29-30 of 32 photos).
     assert ours["mean_probability_difference"] < 0.8 * \
         nearest["metrics"]["mean_probability_difference"]
     assert ours["agreement"] >= nearest["metrics"]["agreement"]

@@ -1,4 +1,4 @@
-"""Adaptive int8 weight rounding: the grid, the objective, the bias, and that the converter keeps it."""
+"""Adaptive int8 weight rounding: the grid, the objective, the bias, what the converter keeps."""
 from __future__ import annotations
 
 import numpy as np
