@@ -265,6 +265,23 @@ def test_adaptive_weight_rounding_brings_int8_closer_to_keras_than_nearest(
     assert ours["agreement"] >= nearest["metrics"]["agreement"]
 
 
+def test_a_failed_weight_rounding_falls_back_to_nearest_and_says_why(run_dir, tmp_path,
+                                                                     monkeypatch):
+    from tuner import quantize
+
+    def fail(model, images):
+        raise ValueError("a layer this tool does not know")
+
+    monkeypatch.setattr(quantize, "round_weights", fail)
+    run = copy_run(run_dir, tmp_path / "run")
+    result = export.export_run(run, ["int8"], min_agreement=0, calibration_images=20)
+    entry = result.manifest["formats"]["int8"]
+    assert entry["status"] == "ok" and (result.out_dir / "model_int8.tflite").is_file()
+    assert entry["weight_rounding"] == {
+        "method": "nearest", "adaptive_failed": "ValueError: a layer this tool does not know"}
+    assert "adaptive rounding failed (ValueError: a layer" in result.table()
+
+
 def test_a_crash_mid_export_leaves_the_previous_export_alone(run_dir, tmp_path, monkeypatch):
     run = copy_run(run_dir, tmp_path / "run")
     (run / "export").mkdir()

@@ -601,7 +601,7 @@ class _Job:
     data_dir: Path
     classes: list[str]
     calibration_images: int
-    weight_rounding: str = "adaptive"
+    weight_rounding: str = WEIGHT_ROUNDINGS[0]
     _static: Path | None = None
     _calibration: Calibration | None = None
     _int8_model: tuple[Path, dict] | None = None
@@ -625,7 +625,15 @@ class _Job:
 
                 model = load_keras_model(self.run_dir / "best" / "model.keras")
                 calibration = self.calibration()
-                info = round_weights(model, calibration.images[:calibration.info["images"]])
+                try:
+                    info = round_weights(model, calibration.images[:calibration.info["images"]])
+                except Exception as exc:  # noqa: BLE001 - an optimisation must not cost the file
+                    reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                    log.warning("adaptive int8 weight rounding failed (%s); rounding to nearest",
+                                reason)
+                    self._int8_model = self.static_saved_model(), {"method": "nearest",
+                                                                   "adaptive_failed": reason}
+                    return self._int8_model
                 self._int8_model = (self._export_static(model, self.out / ".int8_saved_model"),
                                     info)
         return self._int8_model
@@ -946,11 +954,14 @@ def format_table(manifest: dict) -> str:
                                      "CPU ms/image", "status"], tablefmt="github"),
              f"test split: {parity.get('n', 0)} images; accuracy includes the Unknown "
              f"threshold {manifest.get('threshold', 0):.3f}; agreement = top-1 equal to Keras"]
-    rounding = manifest["formats"].get("int8", {}).get("weight_rounding")
-    if rounding and rounding.get("method") == "adaptive":
+    rounding = manifest["formats"].get("int8", {}).get("weight_rounding") or {}
+    if rounding.get("method") == "adaptive":
         lines.append(f"int8 weights: adaptive rounding, {rounding['flipped_from_nearest']} of "
                      f"{rounding['weights']} weights in {rounding['layers']} layers rounded "
                      f"away from nearest ({rounding['seconds']:.0f} s)")
+    elif "adaptive_failed" in rounding:
+        lines.append(f"int8 weights: rounded to nearest; adaptive rounding failed "
+                     f"({rounding['adaptive_failed']})")
     edgetpu = manifest["formats"].get("edgetpu")
     if edgetpu:
         lines.append(_edgetpu_line(edgetpu))
