@@ -125,10 +125,13 @@ def test_converter_keeps_the_rounded_weights_and_bias_correction_cancels_the_mea
     assert np.abs(np.transpose(dequantised, (1, 2, 3, 0)) - folded).max() < \
         1e-5 * np.abs(folded).max()
 
-    # On photos it never saw, the rounded float model is closer to the original than nearest
-    # rounding is, and its mean output error is smaller (the bias absorbed it).
+    # On images it never saw, the rounded float model's pooled features are closer to the
+    # original's than with nearest rounding, and so is their mean (the bias absorbed it).
     x = held_out.astype(np.float32)
-    feats = lambda m: keras.Model(m.input, m.layers[-2].output).predict(x, verbose=0)  # noqa
+
+    def feats(m):
+        return keras.Model(m.input, m.layers[-2].output).predict(x, verbose=0)
+
     nearest_model = _nearest_rounded(plain)
     err_adaptive = feats(model) - feats(original)
     err_nearest = feats(nearest_model) - feats(original)
