@@ -104,10 +104,8 @@ def test_calibration_reaches_0_and_255_even_when_the_photos_do_not(tmp_path):
     frames = export.synthetic_frames(16)
     assert frames[0].max() == 0 and frames[1].min() == 255
     assert len(np.unique(frames[2])) == 16  # the ramp covers the range in between
-    batches = list(cal.representative_dataset())
-    assert len(batches) == 4 + 3
-    assert batches[0][0].dtype == np.float32 and batches[0][0].shape == (1, 16, 16, 3)
-    assert any(b[0].max() == 255 for b in batches) and any(b[0].max() == 0 for b in batches)
+    assert cal.images.dtype == np.uint8 and cal.images.shape == (4 + 3, 16, 16, 3)
+    assert any(im.max() == 255 for im in cal.images) and any(im.max() == 0 for im in cal.images)
 
 
 # -- the real export ------------------------------------------------------------------------
@@ -385,7 +383,6 @@ def test_edgetpu_compiler_failure_is_reported(exported, tmp_path):
 
 def test_offline_check_flags_an_incompatible_model(tmp_path):
     import keras
-    import tensorflow as tf
 
     inputs = keras.Input((16, 16, 3))  # no batch size: a dynamic shape
     x = keras.layers.Conv2D(4, 3, padding="same")(inputs)
@@ -395,14 +392,8 @@ def test_offline_check_flags_an_incompatible_model(tmp_path):
     x = keras.layers.GlobalAveragePooling2D()(x)
     outputs = keras.layers.Dense(3, activation="softmax")(x)
     keras.Model(inputs, outputs).export(str(tmp_path / "sm"), verbose=False)
-    converter = tf.lite.TFLiteConverter.from_saved_model(str(tmp_path / "sm"))
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    rng = np.random.default_rng(0)
-    converter.representative_dataset = lambda: (
-        [rng.uniform(0, 255, (1, 16, 16, 3)).astype(np.float32)] for _ in range(4))
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    converter.inference_input_type = converter.inference_output_type = tf.uint8
-    (tmp_path / "bad.tflite").write_bytes(converter.convert())
+    images = np.random.default_rng(0).uniform(0, 255, (4, 16, 16, 3))
+    (tmp_path / "bad.tflite").write_bytes(export.convert_int8(tmp_path / "sm", images))
 
     check = export.check_edgetpu_compatibility(tmp_path / "bad.tflite")
     assert not check["compatible"]

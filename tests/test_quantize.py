@@ -80,7 +80,7 @@ def test_converter_keeps_the_rounded_weights_and_bias_correction_cancels_the_mea
     import keras
     import tensorflow as tf
 
-    from tuner.export import open_model
+    from tuner.export import convert_int8, open_model
 
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, size=(48, 24, 24, 3)).astype(np.uint8)
@@ -95,13 +95,8 @@ def test_converter_keeps_the_rounded_weights_and_bias_correction_cancels_the_mea
     path = tmp_path / "model"
     model.export(str(path), format="tf_saved_model", verbose=False,
                  input_signature=[tf.TensorSpec((1, 24, 24, 3), tf.float32)])
-    converter = tf.lite.TFLiteConverter.from_saved_model(str(path))
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    converter.representative_dataset = lambda: ([im[None].astype(np.float32)] for im in images)
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    converter.inference_input_type = converter.inference_output_type = tf.uint8
     tflite = tmp_path / "model.tflite"
-    tflite.write_bytes(converter.convert())
+    tflite.write_bytes(convert_int8(path, images))
     runner = open_model(tflite)
     details = runner.interpreter.get_tensor_details()
     kernels = [d for d in details if d["quantization_parameters"]["scales"].size > 1
@@ -141,11 +136,7 @@ def test_converter_keeps_the_rounded_weights_and_bias_correction_cancels_the_mea
 
 def _nearest_rounded(model):
     """`model` with every kernel rounded to nearest on the converter's grid (BN folded)."""
-    levels = list(quantize._levels(model))
-    for _, targets, _ in levels:
+    for _, targets, _ in quantize._levels(model):
         for t in targets:
-            k = t.layer.kernel
-            w = np.asarray(k.numpy(), np.float64)
-            w = w.reshape(-1, w.shape[2] * w.shape[3] if t.depthwise else w.shape[-1]) * t.fold
-            k.assign((nearest(w) / t.fold).reshape(k.shape).astype(np.float32))
+            t.assign_folded(nearest(t.folded()))
     return model

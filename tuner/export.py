@@ -103,17 +103,8 @@ def _export_tflite_int8(job: "_Job", path: Path) -> dict:
 
     This is what the Edge TPU compiler accepts, and what a microcontroller-class CPU runs fastest.
     """
-    import tensorflow as tf
-
-    calibration = job.calibration()
     saved_model, rounding = job.int8_saved_model()
-    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    converter.representative_dataset = calibration.representative_dataset
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    converter.inference_input_type = tf.uint8
-    converter.inference_output_type = tf.uint8
-    _write_bytes(path, converter.convert())
+    _write_bytes(path, convert_int8(saved_model, job.calibration().images))
     info = tflite_info(path)
     scale, zero_point = info["input"]["scale"], info["input"]["zero_point"]
     if not (abs(scale - 1.0) < 1e-3 and zero_point == 0):
@@ -121,6 +112,21 @@ def _export_tflite_int8(job: "_Job", path: Path) -> dict:
         raise ExportError(f"int8 input quantisation is scale {scale:g}, zero point {zero_point}; "
                           "expected 1 and 0 (calibration did not span 0..255)")
     return {**info, "weight_rounding": rounding}
+
+
+def convert_int8(saved_model: Path, images: np.ndarray) -> bytes:
+    """A SavedModel as full-integer TFLite (int8 builtin ops, uint8 in and out), calibrated on
+    `images` (pixels, one at a time as the batch-1 model takes them)."""
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = lambda: ([image[None].astype(np.float32)]
+                                                for image in images)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_input_type = tf.uint8
+    converter.inference_output_type = tf.uint8
+    return converter.convert()
 
 
 def _export_edgetpu(job: "_Job", path: Path) -> dict:
@@ -181,10 +187,6 @@ class Calibration:
 
     images: np.ndarray
     info: dict
-
-    def representative_dataset(self):
-        for image in self.images:
-            yield [image[None].astype(np.float32)]
 
 
 def calibration_sample(split_df: pd.DataFrame, classes: list[str], n: int,

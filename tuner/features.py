@@ -217,10 +217,8 @@ def _derive(net: keras.Model, source: Features, dtype) -> Features:
     """Run frozen layers over cached activations (every view, and val)."""
     k, n = source.train.shape[:2]
     flat = source.train.reshape(k * n, *source.train.shape[2:])  # a view, not a copy
-    train = _run_batches(net, (flat[i:i + 256] for i in range(0, len(flat), 256)), len(flat),
-                         dtype)
-    val = _run_batches(net, (source.val[i:i + 256] for i in range(0, len(source.val), 256)),
-                       len(source.val), dtype)
+    train, val = (_run_batches(net, (a[i:i + 256] for i in range(0, len(a), 256)), len(a), dtype)
+                  for a in (flat, source.val))
     return Features(train.reshape(k, n, *train.shape[1:]), val)
 
 

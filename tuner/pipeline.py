@@ -139,8 +139,8 @@ def warp_draws(n: int, views: int, seed: int) -> np.ndarray:
     """Uniform(-1, 1) draws (views, n, 6) that fix every augmented copy of every image.
 
     For a given training set, copy v of image i is a pure function of (seed, v, i), not of
-    batching, thread order or whether a cache computed it, so a cached trial trains on exactly the pixels an uncached
-    one does.
+    batching, thread order or whether a cache computed it, so a cached trial trains on exactly
+    the pixels an uncached one does.
     """
     rng = np.random.default_rng([seed, 0x5EED])
     return rng.uniform(-1.0, 1.0, size=(views, n, 6)).astype(np.float32)
@@ -278,9 +278,8 @@ def view_batches(arrays: SplitArrays, copies, batch_size: int, augment_strength:
     import tensorflow as tf
 
     fetch = image_fetch(arrays.x, augment_strength, seed, views)
-    n = len(arrays.y)
-    view = np.repeat(np.asarray(list(copies), dtype=np.int64), n)
-    rows = np.tile(np.arange(n, dtype=np.int64), len(view) // max(n, 1))
+    copies, n = np.asarray(list(copies), dtype=np.int64), len(arrays.y)
+    view, rows = np.repeat(copies, n), np.tile(np.arange(n, dtype=np.int64), len(copies))
     ds = tf.data.Dataset.from_tensor_slices((view, rows)).batch(batch_size)
     return ds.map(fetch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True) \
         .prefetch(tf.data.AUTOTUNE)

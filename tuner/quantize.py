@@ -80,12 +80,23 @@ class _Target:
         self.total = total if self.total is None else self.total + total
         self.rows += len(p)
 
+    def folded(self) -> np.ndarray:
+        """The kernel as the converter quantises it: BN folded in, (inputs, output channels)."""
+        w = keras.ops.convert_to_numpy(self.layer.kernel).astype(np.float64)
+        return w.reshape(-1, w.shape[2] * w.shape[3] if self.depthwise else w.shape[-1]) \
+            * self.fold
+
+    def assign_folded(self, folded: np.ndarray) -> None:
+        k = self.layer.kernel
+        # A channel whose BatchNormalization scale is 0 outputs a constant: any kernel will do.
+        k.assign((folded / np.where(self.fold == 0, 1, self.fold)).reshape(k.shape)
+                 .astype(k.dtype))
+
     def round(self) -> tuple[int, int]:
         """Round the kernel onto its int8 grid, then move the mean output error that leaves
         into the bias; returns (weights, weights rounded away from nearest)."""
         k = self.layer.kernel
-        w = keras.ops.convert_to_numpy(k).astype(np.float64)
-        w = w.reshape(-1, w.shape[2] * w.shape[3] if self.depthwise else w.shape[-1]) * self.fold
+        w = self.folded()
         gram, mean = self.gram, self.total / self.rows
         if self.depthwise:  # output channel c*mult+m reads input channel c
             mult = k.shape[3]
@@ -93,9 +104,7 @@ class _Target:
         else:
             mean = mean[:, None]
         rounded, flipped = round_channelwise(w, gram)
-        # A channel whose BatchNormalization scale is 0 outputs a constant: any kernel will do.
-        k.assign((rounded / np.where(self.fold == 0, 1, self.fold)).reshape(k.shape)
-                 .astype(k.dtype))
+        self.assign_folded(rounded)
         self._shift_bias(((w - rounded) * mean).sum(axis=0))
         self.gram = self.total = None
         return w.size, flipped
