@@ -153,6 +153,32 @@ def test_deeper_freeze_points_derive_from_the_shallowest(orl, mobilenet_025_weig
     np.testing.assert_allclose(derived.astype(np.float32), direct, rtol=0.02, atol=0.02)
 
 
+def test_stage2_activations_wait_until_stage2(orl, mobilenet_025_weights):
+    """A trial pruned after stage 1 never pays for its freeze point's activations: for_trial
+    gives the pooled features (from the anchor) and derives the freeze point only on demand."""
+    split_df, classes, root = orl
+    cache = FeatureCache(None, anchor_blocks={"MobileNet": 8})
+    data = TrialData(split_df, classes, ImageCache(root), features=cache)
+    cfg = FitConfig(**{**STAGE2.__dict__, "weights": str(mobilenet_025_weights)})
+    params = TrialParams(**{**PARAMS.to_dict(), "freeze_block": 12})
+    release()
+    model = build_model(params, len(classes), cfg.weights, seed=cfg.seed)
+    spec = backbones.get("MobileNet")
+    first = backbones.first_trainable(base_of(model), spec, 12)
+    inputs = cache.for_trial(model, params, data, cfg, first)
+    setting = cache.setting(params, cfg, data)
+    cut = split_at(model, first)
+    assert cache.key(setting, cut.layer) not in cache._memory  # not derived yet
+    assert len(cache._memory) == 2 and cache.computed == 1  # the anchor and the pooled features
+    direct = feature_extractor(model).predict(data.arrays("val", 96).x.astype(np.float32),
+                                              verbose=0)
+    np.testing.assert_allclose(inputs.pooled.val, direct, rtol=0.02, atol=0.02)
+    suffix, acts = inputs.stage2()
+    assert suffix is not None and cache.key(setting, cut.layer) in cache._memory
+    assert acts.val.shape[1:] == tuple(cut.prefix.output.shape[1:])
+    assert cache.computed == 1  # derived from the anchor, not from the images
+
+
 def test_activations_over_the_memory_budget_train_through_the_model(orl, mobilenet_025_weights):
     cache = FeatureCache(None, memory_mb=0.5)
     result, *_ = _two_stages(orl, mobilenet_025_weights, cache)

@@ -8,6 +8,8 @@ files are only ever opened for reading.
 """
 from __future__ import annotations
 
+from collections import Counter
+
 import errno
 import hashlib
 import io
@@ -545,14 +547,19 @@ def split(images: pd.DataFrame, config: SplitConfig) -> pd.DataFrame:
         target["train"][label] = n - val - test
     have = {s: {label: 0.0 for label in labels} for s in SPLITS}
 
-    groups = list(images.groupby("group"))
+    # Each group's labels as plain lists: pandas calls per group cost a millisecond each.
+    members: dict = {}
+    for gid, label in zip(images["group"], images["label"]):
+        members.setdefault(gid, []).append(label)
+    groups = sorted(members.items())  # by group id, as groupby gives them
     order = rng.permutation(len(groups))
     groups = [groups[i] for i in order]
     groups.sort(key=lambda g: -len(g[1]))  # stable: ties keep the seeded order
     assignment: dict[int, str] = {}
-    for gid, rows in groups:
+    for gid, group_labels in groups:
         # A group counts once per label it contains, weighted by its share of that label.
-        share = rows["label"].value_counts(normalize=True)
+        counts = Counter(group_labels).most_common()
+        share = {lab: c / len(group_labels) for lab, c in counts}
         def need(s: str) -> float:
             return sum(w * (target[s][lab] - have[s][lab]) / max(target[s][lab], 1e-9)
                        for lab, w in share.items())

@@ -69,12 +69,19 @@ class Cut:
 
 @dataclass(frozen=True)
 class TrialInputs:
-    """What a fast trial trains on: pooled features for stage 1 and, where the freeze point
-    allows, the suffix model and its cached activations for stage 2."""
+    """What a fast trial trains on: pooled features for stage 1 and, through `stage2()`, the
+    suffix model and its cached activations for stage 2 where the freeze point allows.
+
+    Stage 2's activations are made on demand: a trial pruned after stage 1 never needs them,
+    and deriving them for a new freeze point costs more than that trial's whole stage 1.
+    """
 
     pooled: Features
-    suffix: keras.Model | None = None
-    activations: Features | None = None
+    _stage2: Callable[[], tuple[keras.Model, Features] | None] = lambda: None
+
+    def stage2(self) -> tuple[keras.Model, Features] | None:
+        """(suffix, activations at the freeze point), or None: train through the full model."""
+        return self._stage2()
 
 
 class FeatureCache:
@@ -122,14 +129,30 @@ class FeatureCache:
         if cut is not None and setting not in self._anchor_tried:
             self._anchor_tried.add(setting)  # once: a refused anchor is not rebuilt every trial
             self._compute_anchor(model, cut, setting, params, data, cfg)
+        pooled = self._get(self.key(setting),
+                           lambda: self._pooled(model, cut, setting, params, data, cfg))
+        if cut is None:
+            return TrialInputs(pooled)
+
+        def stage2() -> tuple[keras.Model, Features] | None:
+            acts = self._activations(cut, setting, params, data, cfg)
+            return None if acts is None else (cut.suffix, acts)
+
+        return TrialInputs(pooled, stage2)
+
+    def _pooled(self, model: keras.Model, cut: Cut | None, setting: str, params: TrialParams,
+                data, cfg: FitConfig) -> Features:
+        """Stage 1's features: through the frozen rest of the backbone from the setting's
+        anchor activations (or this trial's cut), else from the images."""
+        anchor = self._anchors.get(setting)
+        if anchor is not None and anchor[2] in self._memory:
+            source = split_at(model, anchor[0]) if cut is None or anchor[0] != cut.index else cut
+            if source is not None:
+                return _derive(source.pooled, self._memory[anchor[2]], np.float32)
         acts = self._activations(cut, setting, params, data, cfg) if cut else None
-        pooled_key = self.key(setting)
         if acts is not None:
-            pooled = self._get(pooled_key, lambda: _derive(cut.pooled, acts, np.float32))
-            return TrialInputs(pooled, cut.suffix, acts)
-        pooled = self._get(pooled_key, lambda: self._from_images(
-            feature_extractor(model), params, data, cfg, np.float32))
-        return TrialInputs(pooled)
+            return _derive(cut.pooled, acts, np.float32)
+        return self._from_images(feature_extractor(model), params, data, cfg, np.float32)
 
     def _activations(self, cut: Cut, setting: str, params: TrialParams, data,
                      cfg: FitConfig) -> Features | None:

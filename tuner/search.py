@@ -419,11 +419,11 @@ def _row(number, state, value, params: dict, metrics: dict, error: str = "",
 # KerasTuner
 
 
-def run_kerastuner(run: Run) -> object:
+def run_kerastuner(run: Run, on_trial: Callable[[dict], None] | None = None) -> object:
     """RandomSearch, BayesianOptimization or Hyperband over the same HyperModel.
 
     KerasTuner keeps its own state under `RUN/kerastuner/` and reloads it on a rerun, so the
-    same command resumes there too.
+    same command resumes there too. `on_trial` gets each finished trial's row, as with Optuna.
     """
     import keras_tuner as kt
 
@@ -435,18 +435,43 @@ def run_kerastuner(run: Run) -> object:
     common = dict(hypermodel=hypermodel, objective=objective, seed=cfg.fit.seed,
                   directory=str(run.root), project_name="kerastuner", overwrite=False)
     if cfg.engine == "random":
-        tuner = kt.RandomSearch(max_trials=cfg.trials, **common)
+        tuner_cls, budget = kt.RandomSearch, dict(max_trials=cfg.trials)
     elif cfg.engine == "bayesian":
-        tuner = kt.BayesianOptimization(max_trials=cfg.trials, **common)
+        tuner_cls, budget = kt.BayesianOptimization, dict(max_trials=cfg.trials)
     else:
         epochs = cfg.fit.max_epochs_stage1 + cfg.fit.max_epochs_stage2
-        tuner = kt.Hyperband(max_epochs=max(epochs, 2), factor=3, **common)
+        tuner_cls, budget = kt.Hyperband, dict(max_epochs=max(epochs, 2), factor=3)
+    tuner = _reporting(tuner_cls, on_trial, run.space)(**budget, **common)
+    # Hyperband's brackets set its own trial count; --trials caps it, as for the others (the
+    # base oracle stops at max_trials, which Hyperband's constructor does not take).
+    tuner.oracle.max_trials = cfg.trials
     with warnings.catch_warnings():
         # A metric that is NaN by design (stage2_best when stage 2 is off) makes KerasTuner's
         # best-value lookup warn on every trial.
         warnings.filterwarnings("ignore", message="All-NaN", category=RuntimeWarning)
         tuner.search(data=run.data)
     return tuner
+
+
+def _reporting(tuner_cls, on_trial: Callable[[dict], None] | None, space: SearchSpace):
+    """`tuner_cls` calling `on_trial` with each trial's row once KerasTuner has recorded it."""
+    if on_trial is None:
+        return tuner_cls
+
+    class Reporting(tuner_cls):
+        def on_trial_end(self, trial):
+            super().on_trial_end(trial)  # the oracle sets the trial's status and score here
+            from .space import define
+
+            row = _kerastuner_frame({trial.trial_id: trial}, space).iloc[0].to_dict()
+            out = {"number": row["number"], "state": row["state"],
+                   "params": define(trial.hyperparameters.copy(), space),
+                   "seconds": row["seconds"], "error": row["error"]}
+            if row["state"] == "COMPLETE":
+                out["value"] = row["value"]
+            on_trial(out)
+
+    return Reporting
 
 
 def kerastuner_trials_frame(tuner) -> pd.DataFrame:
@@ -534,7 +559,7 @@ def run_search(config: SearchConfig, on_trial: Callable[[dict], None] | None = N
             if config.engine == "optuna":
                 state = run_optuna(run, on_trial, wait_for_others=True)
             else:
-                state = run_kerastuner(run)
+                state = run_kerastuner(run, on_trial)
         except BaseException:
             _write_partial(run)  # finished trials stay visible even when the search stops
             raise

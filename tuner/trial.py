@@ -84,14 +84,16 @@ class ValidationMetrics(keras.callbacks.Callback):
         self.y_val = y_val
         self.num_classes = num_classes
         self.on_step = on_step
-        # Eager calls skip tracing a predict function, which costs more than the whole
-        # pass when the model is only a head or a backbone suffix on cached activations.
+        # Eager calls skip tracing a predict function, which costs more than all the epochs'
+        # passes when the model is only the head on cached features (a few ops).
         self.eager = eager
 
     def _predict(self) -> np.ndarray:
-        if not self.eager:
-            return self.model.predict(self.val_ds, verbose=0)
-        return np.concatenate([keras.ops.convert_to_numpy(self.model(x, training=False))
+        if self.eager:
+            return np.concatenate([keras.ops.convert_to_numpy(self.model(x, training=False))
+                                   for x, _ in self.val_ds])
+        # One traced function, reused every epoch, without `predict`'s per-call set-up.
+        return np.concatenate([keras.ops.convert_to_numpy(self.model.predict_on_batch(x))
                                for x, _ in self.val_ds])
 
     def on_epoch_end(self, epoch, logs=None):
@@ -239,13 +241,14 @@ def run_two_stages(model: keras.Model, params: TrialParams, data: TrialData, cfg
         stage1_weights = model.get_weights()
         stage = 2
         backbones.set_freeze(base, spec, params.freeze_block)
-        if inputs is not None and inputs.suffix is not None:
+        cached = inputs.stage2() if inputs is not None else None
+        if cached is not None:
             # Stage 2 on cached activations at the freeze point: the suffix model shares the
             # full model's layers above it, so `model` ends up with the trained weights.
-            result.epochs_stage2 = _fit_cached(inputs.suffix, inputs.activations,
-                                               params.lr_stage2, cfg.max_epochs_stage2, params,
-                                               cfg, train, val, class_weight, on_step,
-                                               extra_callbacks)
+            suffix, activations = cached
+            result.epochs_stage2 = _fit_cached(suffix, activations, params.lr_stage2,
+                                               cfg.max_epochs_stage2, params, cfg, train, val,
+                                               class_weight, on_step, extra_callbacks)
         else:
             result.epochs_stage2 = fit_stage(params.lr_stage2, cfg.max_epochs_stage2)
         result.stage2_best = _best(result.history, cfg.objective, stage=2)
@@ -277,7 +280,10 @@ def _fit_cached(net: keras.Model, feats, learning_rate: float, epochs: int, para
         (feats.val.astype(np.float32), np.eye(k, dtype=np.float32)[val.y])).batch(256)
     early = keras.callbacks.EarlyStopping(monitor=cfg.objective, mode="max",
                                           patience=cfg.patience, restore_best_weights=True)
-    callbacks = [ValidationMetrics(val_ds, val.y, k, on_step, eager=True), early,
+    # Eager validation for the head alone; a backbone suffix is worth tracing (at
+    # MobileNetV2's block 12, one eager pass costs what tracing and three passes do).
+    head_only = not any(isinstance(layer, keras.Model) for layer in net.layers)
+    callbacks = [ValidationMetrics(val_ds, val.y, k, on_step, eager=head_only), early,
                  _Relay(extra_callbacks)]
     history = net.fit(train_ds, epochs=epochs, steps_per_epoch=steps, callbacks=callbacks,
                       verbose=cfg.verbose, shuffle=False)  # the plan fixes the order
