@@ -1,6 +1,7 @@
 """The activation caches: computed once per backbone setting, reused, and as good as the naive path."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import keras
@@ -126,10 +127,13 @@ def test_stage2_on_cached_activations_matches_the_naive_path(orl, mobilenet_025_
     chance = 1 / 40
     assert naive.epochs_stage2 > 0 and fast.epochs_stage2 > 0
     assert fast.stage2_best > 10 * chance and naive.stage2_best > 10 * chance
-    # Stage 1 is the same computation; stage 2 trains on float16 activations, so it drifts
-    # a little from the naive path but stays within noise.
-    np.testing.assert_allclose(_losses(fast)[:4], _losses(naive)[:4], rtol=5e-3)
-    assert abs(fast.stage2_best - naive.stage2_best) < 0.05, (naive.stage2_best, fast.stage2_best)
+    # The same computation in both stages (float32 activations fit the budget): the same
+    # trial, epoch by epoch, up to float rounding.
+    assert fast.epochs_stage2 == naive.epochs_stage2
+    np.testing.assert_allclose(_losses(fast), _losses(naive), rtol=1e-3)
+    np.testing.assert_allclose([h["val_loss"] for h in fast.history],
+                               [h["val_loss"] for h in naive.history], rtol=1e-3)
+    assert abs(fast.stage2_best - naive.stage2_best) < 0.02, (naive.stage2_best, fast.stage2_best)
     # The suffix trained the full model's own layers: the model scores what the trial reported.
     val = data.arrays("val", PARAMS.input_size)
     probs = model.predict(val.x.astype(np.float32), verbose=0)
@@ -143,12 +147,12 @@ def test_deeper_freeze_points_derive_from_the_shallowest(orl, mobilenet_025_weig
         result, model, data = _two_stages(orl, mobilenet_025_weights, cache, params)
         assert result.epochs_stage2 > 0
     assert cache.computed == 1  # the anchor at block 8; blocks 10 and 12 came from it
-    # Derived activations equal a direct pass (float16 storage).
+    # Derived activations equal a direct pass.
     base = base_of(model)
     cut = split_at(model, backbones.first_trainable(base, backbones.get("MobileNet"), 10))
     setting = cache.setting(params, FitConfig(**{**STAGE2.__dict__,
                                                  "weights": str(mobilenet_025_weights)}), data)
-    derived = cache._memory[cache.key(setting, cut.layer)].val
+    derived = cache.in_memory(setting, cut.layer).val
     direct = cut.prefix.predict(data.arrays("val", 96).x.astype(np.float32), verbose=0)
     np.testing.assert_allclose(derived.astype(np.float32), direct, rtol=0.02, atol=0.02)
 
@@ -168,15 +172,30 @@ def test_stage2_activations_wait_until_stage2(orl, mobilenet_025_weights):
     inputs = cache.for_trial(model, params, data, cfg, first)
     setting = cache.setting(params, cfg, data)
     cut = split_at(model, first)
-    assert cache.key(setting, cut.layer) not in cache._memory  # not derived yet
+    assert cache.in_memory(setting, cut.layer) is None  # not derived yet
     assert len(cache._memory) == 2 and cache.computed == 1  # the anchor and the pooled features
     direct = feature_extractor(model).predict(data.arrays("val", 96).x.astype(np.float32),
                                               verbose=0)
     np.testing.assert_allclose(inputs.pooled.val, direct, rtol=0.02, atol=0.02)
     suffix, acts = inputs.stage2()
-    assert suffix is not None and cache.key(setting, cut.layer) in cache._memory
+    assert suffix is not None and cache.in_memory(setting, cut.layer) is acts
     assert acts.val.shape[1:] == tuple(cut.prefix.output.shape[1:])
     assert cache.computed == 1  # derived from the anchor, not from the images
+
+
+def test_activations_fall_back_to_float16_where_float32_does_not_fit(orl, mobilenet_025_weights):
+    split_df, classes, root = orl
+    params = TrialParams(**{**PARAMS.to_dict(), "augment": 0.5})
+    cfg = FitConfig(**{**STAGE2.__dict__, "weights": str(mobilenet_025_weights)})
+    release()
+    model = build_model(params, len(classes), cfg.weights, seed=cfg.seed)
+    first = backbones.first_trainable(base_of(model), backbones.get("MobileNet"), 10)
+    values = math.prod(split_at(model, first).prefix.output.shape[1:]) * (
+        4 * int((split_df["split"] == "train").sum()) + int((split_df["split"] == "val").sum()))
+    cache = FeatureCache(None, memory_mb=values * 3 / 2**20)  # 3 bytes a value
+    data = TrialData(split_df, classes, ImageCache(root), features=cache)
+    suffix, acts = cache.for_trial(model, params, data, cfg, first).stage2()
+    assert acts.train.dtype == np.float16 and acts.train.shape[0] == 4
 
 
 def test_activations_over_the_memory_budget_train_through_the_model(orl, mobilenet_025_weights):

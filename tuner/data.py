@@ -8,8 +8,6 @@ files are only ever opened for reading.
 """
 from __future__ import annotations
 
-from collections import Counter
-
 import errno
 import hashlib
 import io
@@ -18,6 +16,7 @@ import logging
 import os
 import stat
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 

@@ -388,6 +388,10 @@ def open_model(path: Path, num_threads: int | None = None) -> Runner:
 
 # Coral, "TensorFlow models on the Edge TPU", supported operations (TFLite builtin names).
 # Ops outside this set run on the CPU, and with them every op after them in the graph.
+# Checked (2026-11-28) against the copies of that table reachable offline: Add..ResizeBilinear
+# as Axis reproduces it for the ARTPEC-7's Edge TPU, the rest against Coral's 2019 table and
+# release notes (EXPAND_DIMS, PACK, QUANTIZE, SUM, TRANSPOSE_CONV need runtime 13; TRANSPOSE
+# compiler 16). RSQRT and SQUARED_DIFFERENCE could not be confirmed there.
 EDGETPU_OPS = {
     "ADD", "AVERAGE_POOL_2D", "CONCATENATION", "CONV_2D", "DEPTHWISE_CONV_2D", "EXPAND_DIMS",
     "FULLY_CONNECTED", "L2_NORMALIZATION", "LOGISTIC", "LSTM", "UNIDIRECTIONAL_SEQUENCE_LSTM",

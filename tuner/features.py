@@ -13,8 +13,9 @@ Stage 2 is the same idea one level down: below the freeze depth the backbone sta
 (BatchNormalization included), so the activations at the freeze point are cached too (same K
 views, keyed also by the freeze point) and stage 2 trains only the suffix above it and the
 head, sharing their layers with the full model, which ends up with the trained weights. The
-activations are kept as float16 within a memory budget; a freeze point whose activations do
-not fit (large inputs, early freeze points, big datasets) trains through the full model.
+activations are kept as float32 within a memory budget (float16 where only that fits); a
+freeze point whose activations do not fit (large inputs, early freeze points, big datasets)
+trains through the full model.
 """
 from __future__ import annotations
 
@@ -156,29 +157,42 @@ class FeatureCache:
 
     def _activations(self, cut: Cut, setting: str, params: TrialParams, data,
                      cfg: FitConfig) -> Features | None:
-        key = self.key(setting, cut.layer)
-        if key in self._too_big:
+        if self.key(setting, cut.layer) in self._too_big:
             return None
         rows = views_for(params, cfg) * int((data.split["split"] == "train").sum()) \
             + int((data.split["split"] == "val").sum())
-        size = rows * math.prod(cut.prefix.output.shape[1:]) * 2  # float16
-        if size > self.memory_bytes:
+        values = rows * math.prod(cut.prefix.output.shape[1:])
+        # float32 when it fits: then stage 2 computes exactly what it does through the full
+        # model (float16 rounding is tiny, but a high stage-2 learning rate amplifies it into
+        # a different trial). float16 halves the memory where float32 does not fit.
+        dtype = next((d for d in (np.float32, np.float16)
+                      if values * np.dtype(d).itemsize <= self.memory_bytes), None)
+        if dtype is None:
             log.info("stage-2 activations at %s would take %.0f MiB (budget %.0f): stage 2 runs "
-                     "through the full model", cut.layer, size / 2**20, self.memory_bytes / 2**20)
-            self._too_big.add(key)
+                     "through the full model", cut.layer, values * 2 / 2**20,
+                     self.memory_bytes / 2**20)
+            self._too_big.add(self.key(setting, cut.layer))
             return None
+        key = self.key(setting, f"{cut.layer}|{np.dtype(dtype).name}")
         anchor = self._anchors.get(setting)
         middle = None
         if anchor is not None and anchor[0] < cut.index and anchor[2] in self._memory:
             middle = cut.middle(anchor[1])
         if middle is not None:
             source = self._memory[anchor[2]]
-            return self._get(key, lambda: _derive(middle, source, np.float16))
-        feats = self._get(key, lambda: self._from_images(cut.prefix, params, data, cfg,
-                                                          np.float16))
+            return self._get(key, lambda: _derive(middle, source, dtype))
+        feats = self._get(key, lambda: self._from_images(cut.prefix, params, data, cfg, dtype))
         if anchor is None or cut.index < anchor[0]:
             self._anchors[setting] = (cut.index, cut.layer, key)
         return feats
+
+    def in_memory(self, setting: str, layer: str) -> Features | None:
+        """The activations at `layer` held in memory for `setting` (float32 or float16)."""
+        for dtype in ("float32", "float16"):
+            feats = self._memory.get(self.key(setting, f"{layer}|{dtype}"))
+            if feats is not None:
+                return feats
+        return None
 
     def _compute_anchor(self, model: keras.Model, cut: Cut, setting: str, params: TrialParams,
                         data, cfg: FitConfig) -> None:

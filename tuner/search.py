@@ -29,7 +29,7 @@ from .config import SearchConfig, TrialParams
 from .data import load_or_make_split, scan, write_json
 from .errors import TunerError, UsageError
 from .pipeline import ImageCache
-from .space import SearchSpace, load_space
+from .space import SearchSpace, define, load_space
 from .storage import (OPEN_ATTEMPTS, fail_dead_trials, finished_count, heartbeat,
                       open_storage, requeue, running_trials)
 
@@ -461,8 +461,6 @@ def _reporting(tuner_cls, on_trial: Callable[[dict], None] | None, space: Search
     class Reporting(tuner_cls):
         def on_trial_end(self, trial):
             super().on_trial_end(trial)  # the oracle sets the trial's status and score here
-            from .space import define
-
             row = _kerastuner_frame({trial.trial_id: trial}, space).iloc[0].to_dict()
             out = {"number": row["number"], "state": row["state"],
                    "params": define(trial.hyperparameters.copy(), space),
@@ -480,8 +478,6 @@ def kerastuner_trials_frame(tuner) -> pd.DataFrame:
 
 def _kerastuner_frame(trials: dict, space: SearchSpace) -> pd.DataFrame:
     """One row per KerasTuner trial (the trials.csv schema), from the oracle's trials by id."""
-    from .space import define
-
     rows = []
     for trial_id, t in sorted(trials.items()):
         params = define(t.hyperparameters.copy(), space).to_dict() \
