@@ -442,9 +442,10 @@ def run_kerastuner(run: Run, on_trial: Callable[[dict], None] | None = None) -> 
         epochs = cfg.fit.max_epochs_stage1 + cfg.fit.max_epochs_stage2
         tuner_cls, budget = kt.Hyperband, dict(max_epochs=max(epochs, 2), factor=3)
     tuner = _reporting(tuner_cls, on_trial, run.space)(**budget, **common)
-    # Hyperband's brackets set its own trial count; --trials caps it, as for the others (the
-    # base oracle stops at max_trials, which Hyperband's constructor does not take).
-    tuner.oracle.max_trials = cfg.trials
+    if cfg.engine == "hyperband":
+        # Its brackets set its own trial count; --trials caps it, as for the others (the base
+        # oracle stops at max_trials, which Hyperband's constructor does not take).
+        tuner.oracle.max_trials = cfg.trials
     with warnings.catch_warnings():
         # A metric that is NaN by design (stage2_best when stage 2 is off) makes KerasTuner's
         # best-value lookup warn on every trial.
