@@ -13,6 +13,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -410,6 +411,62 @@ def test_kerastuner_engines(work, tmp_path, engine, trials, retrain, capsys):
     assert "MobileNet" in (run / "backbones.md").read_text()
     pd.testing.assert_frame_equal(pd.read_csv(run / "trials.csv"), table)
 
+
+
+def _failing_fit(monkeypatch, fails: set[int]) -> list[int]:
+    """Make the trial calls numbered in `fails` (from 0) run out of memory; the rest train."""
+    from tuner import trial as trial_module
+
+    real, calls = trial_module.run_two_stages, []
+
+    def fit(*args, **kwargs):
+        calls.append(len(calls))
+        if calls[-1] in fails:
+            raise MemoryError("failed to allocate 3.2 GiB")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trial_module, "run_two_stages", fit)
+    return calls
+
+
+@pytest.mark.slow
+def test_trials_failing_in_a_row_stop_the_search(work, tmp_path, monkeypatch):
+    """One failure is recorded and the search goes on; --max-failures in a row stop it with one
+    line, and the finished trials stay for the rerun."""
+    from optuna.trial import TrialState
+
+    run = tmp_path / "RUN"
+    calls = _failing_fit(monkeypatch, fails={0, 2, 3})
+    argv = search_argv(work, run, 1, "--no-retrain", "--max-failures", "2",
+                       "--max-epochs-stage2", "0")
+    code, out, err = call(argv)
+    assert code == 0, out + err  # trial 0 failed, trial 1 completed: one finished, as asked
+    code, out, err = call(argv[:3] + ["2"] + argv[4:])  # --trials 2: two more fail in a row
+    assert code == 1, out + err
+    lines = err.strip().splitlines()
+    assert lines[-1] == ("personclf-tune: failed: 2 trials in a row failed (the last: "
+                         "MemoryError: failed to allocate 3.2 GiB); fix the cause and rerun the "
+                         "same command: finished trials are kept (--max-failures sets the limit)")
+    assert "Traceback" not in err
+    assert len(calls) == 4
+    states = [t.state for t in load_study(run).get_trials()]
+    assert states == [TrialState.FAIL, TrialState.COMPLETE, TrialState.FAIL, TrialState.FAIL]
+
+
+@pytest.mark.slow
+def test_kerastuner_failures_in_a_row_stop_the_search(work, tmp_path, monkeypatch):
+    calls = _failing_fit(monkeypatch, fails=set(range(10)))
+    code, out, err = call(search_argv(work, tmp_path / "RUN", 5, "--engine", "random",
+                                      "--no-retrain", "--max-failures", "2"))
+    assert code == 1, out + err
+    assert len(calls) == 2
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("personclf-tune: failed: 2 trials in a row failed (the last: ")
+    assert "MemoryError: failed to allocate 3.2 GiB" in last, err
+    assert "Traceback" not in out + err  # KerasTuner's own printing is quieted
+    for number in range(2):  # each failure in one line, as with Optuna
+        assert re.search(rf"trial +{number} FAIL +MobileNet a0.25@96 FAIL  \(\d+s\)  "
+                         "MemoryError: failed to allocate 3.2 GiB", out), out
 
 # -----------------------------------------------------------------------------------------------
 # Dead, orphaned and surplus trials: the driver's bookkeeping on a real storage, without training.

@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true",
                    help="train every trial through the whole model, decoding its images "
                         "(the naive loop; for comparisons)")
+    p.add_argument("--max-failures", type=int, default=3, metavar="N",
+                   help="stop after N trials in a row fail (default 3); finished trials are "
+                        "kept, rerun the same command to continue")
     p.add_argument("--cache-memory-mb", type=float, default=2048, metavar="MB",
                    help="memory for cached activations; a freeze depth that needs more trains "
                         "stage 2 through the whole model")
@@ -178,7 +181,7 @@ def search_config(args: argparse.Namespace):
         engine=args.engine, storage=args.storage, study_name=args.study_name,
         pruning=not args.no_pruning, retrain_best=not args.no_retrain,
         workers=args.workers, fast=not args.no_cache,
-        cache_memory_mb=args.cache_memory_mb, scan=scan_cfg,
+        cache_memory_mb=args.cache_memory_mb, max_failures=args.max_failures, scan=scan_cfg,
         split=SplitConfig(args.val_fraction, args.test_fraction, args.seed), fit=fit)
 
 

@@ -164,6 +164,9 @@ class SearchConfig:
     # pruned between the stages. False is the naive loop, kept for the speed benchmark.
     fast: bool = True
     cache_memory_mb: float = 2048  # in-memory budget for cached activations
+    # Trials failing one after another (an exception, or a NaN objective) mean something
+    # every trial shares is wrong (memory, a file, a bug): stop instead of failing forever.
+    max_failures: int = 3
     scan: ScanConfig | None = None
     split: SplitConfig = field(default_factory=SplitConfig)
     fit: FitConfig = field(default_factory=FitConfig)
@@ -181,6 +184,8 @@ class SearchConfig:
             raise UsageError(f"--engine {self.engine!r}: choose one of {', '.join(ENGINES)}")
         if self.workers < 1:
             raise UsageError(f"--workers {self.workers}: must be at least 1")
+        if self.max_failures < 1:
+            raise UsageError(f"--max-failures {self.max_failures}: must be at least 1")
         if self.cache_memory_mb < 0:
             raise UsageError(f"--cache-memory-mb {self.cache_memory_mb:g}: must be 0 or more")
         if self.storage and self.engine != "optuna":
@@ -195,7 +200,8 @@ class SearchConfig:
         d["data_dir"] = str(self.data_dir.resolve())
         d["space"] = str(self.space.resolve())
         d["scan"]["data_dir"] = d["data_dir"]
-        for key in ("trials", "workers", "retrain_best", "run_dir", "cache_memory_mb"):
+        for key in ("trials", "workers", "retrain_best", "run_dir", "cache_memory_mb",
+                    "max_failures"):
             d.pop(key)
         d["fit"].pop("verbose")
         return _jsonable(d)

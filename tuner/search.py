@@ -8,6 +8,7 @@ until N trials are finished; a trial cut off by a crash or kill is marked failed
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -260,6 +261,7 @@ def run_optuna(run: Run, on_trial: Callable[[dict], None] | None = None,
     study = open_study(cfg, run.space)
     hypermodel = PersonHyperModel(run.space, run.classes, cfg.fit)
     storage = study._storage
+    failures: list[str] = []  # this worker's failed trials since its last finished one
     while True:
         fail_dead_trials(study)
         finished, running = finished_count(study), len(running_trials(study))
@@ -304,7 +306,17 @@ def run_optuna(run: Run, on_trial: Callable[[dict], None] | None = None,
         # No release() here: PersonHyperModel.build frees the previous trial's graph first.
         if on_trial is not None and row is not None:
             on_trial(row)
+        if row is not None:
+            failures = failures + [row.get("error", "")] if row["state"] == "FAIL" else []
+            if len(failures) >= cfg.max_failures:
+                raise TunerError(_failures_message(failures))
     return study
+
+
+def _failures_message(errors: list[str]) -> str:
+    return (f"{len(errors)} trials in a row failed (the last: {errors[-1] or 'no reason given'})"
+            "; fix the cause and rerun the same command: finished trials are kept "
+            "(--max-failures sets the limit)")
 
 
 def _run_optuna_trial(study, trial, hypermodel, run: Run, hp_cls, fit) -> dict:
@@ -441,7 +453,8 @@ def run_kerastuner(run: Run, on_trial: Callable[[dict], None] | None = None) -> 
     else:
         epochs = cfg.fit.max_epochs_stage1 + cfg.fit.max_epochs_stage2
         tuner_cls, budget = kt.Hyperband, dict(max_epochs=max(epochs, 2), factor=3)
-    tuner = _reporting(tuner_cls, on_trial, run.space)(**budget, **common)
+    tuner = _reporting(tuner_cls, on_trial, run.space)(
+        **budget, **common, max_consecutive_failed_trials=cfg.max_failures)
     if cfg.engine == "hyperband":
         # Its brackets set its own trial count; --trials caps it, as for the others (the base
         # oracle stops at max_trials, which Hyperband's constructor does not take).
@@ -450,8 +463,33 @@ def run_kerastuner(run: Run, on_trial: Callable[[dict], None] | None = None) -> 
         # A metric that is NaN by design (stage2_best when stage 2 is off) makes KerasTuner's
         # best-value lookup warn on every trial.
         warnings.filterwarnings("ignore", message="All-NaN", category=RuntimeWarning)
-        tuner.search(data=run.data)
+        try:
+            with _quiet_kerastuner_failures():
+                tuner.search(data=run.data)
+        except RuntimeError as exc:
+            if "consecutive failures" not in str(exc):
+                raise
+            # KerasTuner's message: the limit, then the last trial's traceback.
+            last = [line for line in str(exc).splitlines() if line.strip()][-1]
+            raise TunerError(_failures_message([""] * (cfg.max_failures - 1) + [last])) \
+                from None
     return tuner
+
+
+@contextlib.contextmanager
+def _quiet_kerastuner_failures():
+    """KerasTuner prints every failed trial's traceback; our trial line says why in one line
+    (the traceback stays in the trial's record under RUN/kerastuner/)."""
+    try:
+        from keras_tuner.src import config as kt_config
+    except ImportError:  # another KerasTuner layout: leave its printing alone
+        yield
+        return
+    saved, kt_config.DEBUG = kt_config.DEBUG, log.isEnabledFor(logging.DEBUG)
+    try:
+        yield
+    finally:
+        kt_config.DEBUG = saved
 
 
 def _reporting(tuner_cls, on_trial: Callable[[dict], None] | None, space: SearchSpace):
@@ -460,15 +498,25 @@ def _reporting(tuner_cls, on_trial: Callable[[dict], None] | None, space: Search
         return tuner_cls
 
     class Reporting(tuner_cls):
+        def on_trial_begin(self, trial):
+            self._trial_start = time.perf_counter()  # a failed trial records no seconds
+            super().on_trial_begin(trial)
+
         def on_trial_end(self, trial):
-            super().on_trial_end(trial)  # the oracle sets the trial's status and score here
-            row = _kerastuner_frame({trial.trial_id: trial}, space).iloc[0].to_dict()
-            out = {"number": row["number"], "state": row["state"],
-                   "params": define(trial.hyperparameters.copy(), space),
-                   "seconds": row["seconds"], "error": row["error"]}
-            if row["state"] == "COMPLETE":
-                out["value"] = row["value"]
-            on_trial(out)
+            try:
+                # The oracle sets the trial's status and score here; after too many failures
+                # in a row it raises, and the last trial is reported all the same.
+                super().on_trial_end(trial)
+            finally:
+                row = _kerastuner_frame({trial.trial_id: trial}, space).iloc[0].to_dict()
+                seconds = row["seconds"] if pd.notna(row["seconds"]) else \
+                    time.perf_counter() - self._trial_start
+                out = {"number": row["number"], "state": row["state"],
+                       "params": define(trial.hyperparameters.copy(), space),
+                       "seconds": seconds, "error": row["error"]}
+                if row["state"] == "COMPLETE":
+                    out["value"] = row["value"]
+                on_trial(out)
 
     return Reporting
 
@@ -490,8 +538,10 @@ def _kerastuner_frame(trials: dict, space: SearchSpace) -> pd.DataFrame:
         value = t.score if t.score is not None else float("nan")
         state = {"COMPLETED": "COMPLETE", "INVALID": "FAIL", "FAILED": "FAIL",
                  "STOPPED": "PRUNED"}.get(str(t.status), str(t.status))
+        lines = [line for line in (t.message or "").splitlines() if line.strip()]
+        error = lines[-1].strip() if state == "FAIL" and lines else ""
         rows.append(_row(int(trial_id) if str(trial_id).isdigit() else len(rows), state, value,
-                         params, metrics, seconds=metrics.get("seconds")))
+                         params, metrics, error, seconds=metrics.get("seconds")))
     return pd.DataFrame(rows)
 
 
