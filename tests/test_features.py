@@ -11,7 +11,7 @@ import pytest
 from tuner.config import FitConfig, ScanConfig, SplitConfig, TrialParams
 from tuner.data import scan, split
 from tuner import backbones
-from tuner.features import FeatureCache, feature_extractor, split_at
+from tuner.features import FeatureCache, extract, feature_extractor, split_at
 from tuner.hypermodel import base_of, build_model
 from tuner.pipeline import ImageCache
 from tuner.trial import TrialData, release, run_two_stages, score
@@ -53,6 +53,23 @@ def test_cached_features_are_the_frozen_backbone_output(orl, mobilenet_025_weigh
     assert np.array_equal(again.for_trial(model, PARAMS, data, cfg).pooled.val, feats.val)
     assert again.computed == 0
 
+
+def test_every_prediction_pass_traces_once(orl, mobilenet_025_weights):
+    """Batches are padded to one shape, so a short last batch costs no second trace: the
+    train views and the validation set share the extractor's one predict function, as do
+    all of a trial's validation passes. The padding changes no real row."""
+    result, model, data, cfg = _stage1(orl, mobilenet_025_weights, None)  # the naive path
+    val = data.arrays("val", PARAMS.input_size)
+    assert len(val.y) % 64, "the validation set must end in a short batch for this test"
+    assert result.epochs_stage1 > 1
+    assert model.predict_function.experimental_get_tracing_count() == 1
+
+    extractor = feature_extractor(model)
+    feats = extract(extractor, PARAMS, data, cfg)
+    assert feats.train.shape[1] % 64
+    assert extractor.predict_function.experimental_get_tracing_count() == 1
+    direct = extractor(val.x.astype(np.float32), training=False)
+    np.testing.assert_allclose(feats.val, np.asarray(direct), atol=1e-4)
 
 def _losses(result) -> np.ndarray:
     return np.array([h["loss"] for h in result.history])

@@ -31,7 +31,7 @@ import keras
 import numpy as np
 
 from .config import FitConfig, TrialParams
-from .pipeline import views_for
+from .pipeline import predict_batch, views_for
 
 log = logging.getLogger(__name__)
 
@@ -254,22 +254,23 @@ def _derive(net: keras.Model, source: Features, dtype) -> Features:
     """Run frozen layers over cached activations (every view, and val)."""
     k, n = source.train.shape[:2]
     flat = source.train.reshape(k * n, *source.train.shape[2:])  # a view, not a copy
-    train, val = (_run_batches(net, (a[i:i + 256] for i in range(0, len(a), 256)), len(a), dtype)
-                  for a in (flat, source.val))
+    train, val = (_run_batches(net, (a[i:i + 256] for i in range(0, len(a), 256)), len(a),
+                               dtype, 256) for a in (flat, source.val))
     return Features(train.reshape(k, n, *train.shape[1:]), val)
 
 
-def _run_batches(net: keras.Model, batches, rows: int, dtype) -> np.ndarray:
-    """`net` over batches, written straight into one array of `dtype`.
+def _run_batches(net: keras.Model, batches, rows: int, dtype, batch_size: int) -> np.ndarray:
+    """`net` over batches of at most `batch_size`, written straight into one array of `dtype`.
 
-    One traced predict function serves every batch (no per-call setup), and no float32 copy
-    of the whole input or output is ever made: at large inputs the cached activations are
-    gigabytes, and a float32 copy would double them.
+    One traced predict function serves every batch (no per-call setup; every batch padded to
+    `batch_size`, so train and val share one trace), and no float32 copy of the whole input
+    or output is ever made: at large inputs the cached activations are gigabytes, and a
+    float32 copy would double them.
     """
     out = np.empty((rows, *net.output.shape[1:]), dtype)
     i = 0
     for x in batches:
-        y = keras.ops.convert_to_numpy(net.predict_on_batch(np.asarray(x, np.float32)))
+        y = predict_batch(net, x, batch_size)
         out[i:i + len(y)] = y
         i += len(y)
     if i != rows:
@@ -300,10 +301,10 @@ def extract(extractor: keras.Model, params: TrialParams, data, cfg: FitConfig,
     train, val = data.arrays("train", size), data.arrays("val", size)
     views, n = views_for(params, cfg), len(train.y)
     out = _run_batches(extractor, view_batches(train, range(views), 64, params.augment,
-                                               cfg.seed, views), views * n, dtype)
+                                               cfg.seed, views), views * n, dtype, 64)
     val_ds = make_dataset(val, k, 64).map(lambda x, y: x)
     return Features(out.reshape(views, n, *out.shape[1:]),
-                    _run_batches(extractor, val_ds, len(val.y), dtype))
+                    _run_batches(extractor, val_ds, len(val.y), dtype, 64))
 
 
 def head_model(model: keras.Model, feature_dim: int) -> keras.Model:

@@ -244,6 +244,23 @@ def plan_dataset(plan: EpochPlan, batch_size: int, fetch, labels: np.ndarray, nu
         .prefetch(tf.data.AUTOTUNE)
 
 
+def predict_batch(net, x, rows: int) -> np.ndarray:
+    """`net.predict_on_batch(x)` with `x` padded to `rows` rows, the padding cut off again.
+
+    Keras traces its predict function for each new batch shape: a short last batch (235
+    validation photos in batches of 64) would cost a second trace, which for a backbone takes
+    longer than predicting all the full batches. Inference is row by row (no batch
+    statistics), so padding changes nothing for the real rows.
+    """
+    import keras
+
+    x = np.asarray(x, np.float32)
+    n = len(x)
+    if n < rows:
+        x = np.concatenate([x, np.zeros((rows - n, *x.shape[1:]), np.float32)])
+    return keras.ops.convert_to_numpy(net.predict_on_batch(x))[:n]
+
+
 def image_fetch(images: np.ndarray, augment_strength: float, seed: int, views: int):
     """`fetch(view, rows)` for `plan_dataset` over uint8 images: float pixels, warped as copy
     `view` of each row (unchanged when augmentation is off)."""

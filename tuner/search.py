@@ -600,6 +600,12 @@ def run_search(config: SearchConfig, on_trial: Callable[[dict], None] | None = N
     """
     from contextlib import nullcontext
 
+    import keras_tuner  # noqa: F401 - imported before the freeze, with everything trials use
+    import optuna  # noqa: F401
+
+    from .trial import freeze_imports
+
+    freeze_imports()
     with nullcontext() if worker else RunLock(config.run_dir):
         run = prepare(config)
         try:
