@@ -148,8 +148,9 @@ def test_imagenet_weights_unavailable_offline(data, tmp_path, monkeypatch, capsy
 @pytest.mark.parametrize("flag, value, message", [
     ("--augment-views", "0", "--augment-views 0: must be at least 1"),
     ("--cache-memory-mb", "-1", "--cache-memory-mb -1: must be 0 or more"),
+    ("--max-failures", "0", "--max-failures 0: must be at least 1"),
 ])
-def test_bad_cache_flags(data, space, tmp_path, capsys, flag, value, message):
+def test_bad_search_flags(data, space, tmp_path, capsys, flag, value, message):
     run = tmp_path / "RUN"
     assert cli.main(["--data", str(data), "--space", str(space), flag, value,
                      "--output", str(run)]) == 2

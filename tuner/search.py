@@ -309,13 +309,13 @@ def run_optuna(run: Run, on_trial: Callable[[dict], None] | None = None,
         if row is not None:
             failures = failures + [row.get("error", "")] if row["state"] == "FAIL" else []
             if len(failures) >= cfg.max_failures:
-                raise TunerError(_failures_message(failures))
+                raise TunerError(_failures_message(len(failures), failures[-1]))
     return study
 
 
-def _failures_message(errors: list[str]) -> str:
-    return (f"{len(errors)} trials in a row failed (the last: {errors[-1] or 'no reason given'})"
-            "; fix the cause and rerun the same command: finished trials are kept "
+def _failures_message(count: int, last_error: str) -> str:
+    return (f"{count} trials in a row failed (the last: {last_error or 'no reason given'}); "
+            "fix the cause and rerun the same command: finished trials are kept "
             "(--max-failures sets the limit)")
 
 
@@ -471,8 +471,7 @@ def run_kerastuner(run: Run, on_trial: Callable[[dict], None] | None = None) -> 
                 raise
             # KerasTuner's message: the limit, then the last trial's traceback.
             last = [line for line in str(exc).splitlines() if line.strip()][-1]
-            raise TunerError(_failures_message([""] * (cfg.max_failures - 1) + [last])) \
-                from None
+            raise TunerError(_failures_message(cfg.max_failures, last)) from None
     return tuner
 
 
@@ -598,15 +597,13 @@ def run_search(config: SearchConfig, on_trial: Callable[[dict], None] | None = N
     only the one whose trial finished the study retrains and reports the best
     (`workers.claim_finalizer`).
     """
-    from contextlib import nullcontext
-
     import keras_tuner  # noqa: F401 - imported before the freeze, with everything trials use
     import optuna  # noqa: F401
 
     from .trial import freeze_imports
 
     freeze_imports()
-    with nullcontext() if worker else RunLock(config.run_dir):
+    with contextlib.nullcontext() if worker else RunLock(config.run_dir):
         run = prepare(config)
         try:
             if config.engine == "optuna":
