@@ -71,6 +71,7 @@ def test_every_prediction_pass_traces_once(orl, mobilenet_025_weights):
     direct = extractor(val.x.astype(np.float32), training=False)
     np.testing.assert_allclose(feats.val, np.asarray(direct), atol=1e-4)
 
+
 def _losses(result) -> np.ndarray:
     return np.array([h["loss"] for h in result.history])
 

@@ -412,7 +412,6 @@ def test_kerastuner_engines(work, tmp_path, engine, trials, retrain, capsys):
     pd.testing.assert_frame_equal(pd.read_csv(run / "trials.csv"), table)
 
 
-
 def _failing_fit(monkeypatch, fails: set[int]) -> list[int]:
     """Make the trial calls numbered in `fails` (from 0) run out of memory; the rest train."""
     from tuner import trial as trial_module
