@@ -1,0 +1,79 @@
+"""Replay pruning rules on a search that ran without pruning, to see what each would stop.
+
+A cached search without pruning repeats the naive one exactly (the benchmark's `cache_only`
+mode, or `personclf-tune --no-pruning`), so its study holds every trial's validation metric
+at every step. This replays the trials in order against a rule and prints which trials it
+would stop, at which step, and whether the best trial survives. The replay is exact only up
+to the first trial a rule stops: a real search's sampler then sees other results and
+suggests other trials.
+
+    python benchmarks/replay_pruning.py RUN [--stage1-epochs 5]
+
+Rules: `current` (the search's pruner: below the bottom quartile of earlier completed trials
+at the same step, from step 1, after 4 completed trials); `hopeless` (in stage 1 only below
+every earlier trial; from stage 2's second epoch the bottom quartile); `stage2` (the bottom
+quartile from stage 2's second epoch, nothing in stage 1).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+STARTUP, WARMUP = 4, 1  # as tuner.search's PercentilePruner
+
+
+def stops(rule: str, history: dict[int, float], done: list[dict[int, float]], step: int,
+          stage1_epochs: int, kept: float) -> bool:
+    """Whether `rule` stops a trial with `history` (step -> value) at `step`."""
+    if len(done) < STARTUP or step < WARMUP:
+        return False
+    at = [d[step] for d in done if step in d]
+    if not at:
+        return False
+    best = max(v for s, v in history.items() if s <= step)
+    quartile = best < np.percentile(at, 100 - kept)
+    if rule == "current":
+        return quartile
+    if step < stage1_epochs:
+        return rule == "hopeless" and best < min(at)
+    return step > stage1_epochs and quartile
+
+
+def main() -> None:
+    import optuna
+
+    from tuner.search import PRUNE_PERCENTILE
+    from tuner.storage import open_storage
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run", type=Path, help="run directory of a search without pruning")
+    ap.add_argument("--stage1-epochs", type=int, default=5, help="--max-epochs of stage 1")
+    ap.add_argument("--study-name", default="personclf")
+    args = ap.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name=args.study_name,
+                              storage=open_storage(f"journal:{args.run / 'study.journal'}"))
+    trials = [t for t in study.get_trials() if t.state.name == "COMPLETE"]
+    values = [t.value for t in trials]
+    best = int(np.argmax(values))
+    print(f"{len(trials)} complete trials; best: trial {trials[best].number} {values[best]:.4f}")
+    for rule in ("current", "hopeless", "stage2"):
+        done, stopped = [], []
+        for t in trials:
+            history = dict(t.intermediate_values)
+            step = next((s for s in sorted(history) if stops(rule, history, done, s,
+                                                              args.stage1_epochs,
+                                                              PRUNE_PERCENTILE)), None)
+            if step is None:
+                done.append(history)
+            else:
+                stopped.append((t.number, step))
+        kept = [v for t, v in zip(trials, values) if t.number not in dict(stopped)]
+        print(f"{rule:9s} stops (trial, step) {stopped}; best kept: "
+              f"{trials[best].number not in dict(stopped)}; best found {max(kept):.4f}")
+
+
+if __name__ == "__main__":
+    main()
