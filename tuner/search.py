@@ -470,9 +470,15 @@ def run_kerastuner(run: Run, on_trial: Callable[[dict], None] | None = None) -> 
             if "consecutive failures" not in str(exc):
                 raise
             # KerasTuner's message: the limit, then the last trial's traceback.
-            last = [line for line in str(exc).splitlines() if line.strip()][-1]
-            raise TunerError(_failures_message(cfg.max_failures, last)) from None
+            raise TunerError(_failures_message(cfg.max_failures, _last_line(str(exc)))) \
+                from None
     return tuner
+
+
+def _last_line(traceback_text: str) -> str:
+    """The exception line that ends a traceback ("MemoryError: ..."), or ""."""
+    lines = [line.strip() for line in traceback_text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
 
 
 @contextlib.contextmanager
@@ -537,8 +543,7 @@ def _kerastuner_frame(trials: dict, space: SearchSpace) -> pd.DataFrame:
         value = t.score if t.score is not None else float("nan")
         state = {"COMPLETED": "COMPLETE", "INVALID": "FAIL", "FAILED": "FAIL",
                  "STOPPED": "PRUNED"}.get(str(t.status), str(t.status))
-        lines = [line for line in (t.message or "").splitlines() if line.strip()]
-        error = lines[-1].strip() if state == "FAIL" and lines else ""
+        error = _last_line(t.message or "") if state == "FAIL" else ""
         rows.append(_row(int(trial_id) if str(trial_id).isdigit() else len(rows), state, value,
                          params, metrics, error, seconds=metrics.get("seconds")))
     return pd.DataFrame(rows)
