@@ -9,10 +9,10 @@ suggests other trials.
 
     python benchmarks/replay_pruning.py RUN [--stage1-epochs 5]
 
-Rules: `current` (the search's pruner: below the bottom quartile of earlier completed trials
-at the same step, from step 1, after 4 completed trials); `hopeless` (in stage 1 only below
-every earlier trial; from stage 2's second epoch the bottom quartile); `stage2` (the bottom
-quartile from stage 2's second epoch, nothing in stage 1).
+Rules: `search` (the search's own pruner, `tuner.pruning.PruningRule`); `percentile` (the
+rule it replaced, Optuna's PercentilePruner(75, n_startup_trials=4, n_warmup_steps=1): below
+the bottom quartile of earlier completed trials at the same step, from step 1); `stage2` (the
+search's stage-2 rule alone, nothing stopped at the boundary).
 """
 from __future__ import annotations
 
@@ -21,30 +21,28 @@ from pathlib import Path
 
 import numpy as np
 
-STARTUP, WARMUP = 4, 1  # as tuner.search's PercentilePruner
+STARTUP, WARMUP = 4, 1  # the replaced PercentilePruner's
 
 
 def stops(rule: str, history: dict[int, float], done: list[dict[int, float]], step: int,
-          stage1_epochs: int, kept: float) -> bool:
+          stage1_epochs: int) -> bool:
     """Whether `rule` stops a trial with `history` (step -> value) at `step`."""
+    from tuner.pruning import PruningRule
+
+    if rule == "search":
+        return PruningRule(stage1_epochs).stops(history, done, step)
+    if rule == "stage2":
+        return PruningRule(stage1_epochs, boundary_min_completed=10**9).stops(history, done, step)
     if len(done) < STARTUP or step < WARMUP:
         return False
     at = [d[step] for d in done if step in d]
-    if not at:
-        return False
     best = max(v for s, v in history.items() if s <= step)
-    quartile = best < np.percentile(at, 100 - kept)
-    if rule == "current":
-        return quartile
-    if step < stage1_epochs:
-        return rule == "hopeless" and best < min(at)
-    return step > stage1_epochs and quartile
+    return bool(at) and best < np.percentile(at, 25)
 
 
 def main() -> None:
     import optuna
 
-    from tuner.search import PRUNE_PERCENTILE
     from tuner.storage import open_storage
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -59,13 +57,12 @@ def main() -> None:
     values = [t.value for t in trials]
     best = int(np.argmax(values))
     print(f"{len(trials)} complete trials; best: trial {trials[best].number} {values[best]:.4f}")
-    for rule in ("current", "hopeless", "stage2"):
+    for rule in ("search", "percentile", "stage2"):
         done, stopped = [], []
         for t in trials:
             history = dict(t.intermediate_values)
             step = next((s for s in sorted(history) if stops(rule, history, done, s,
-                                                              args.stage1_epochs,
-                                                              PRUNE_PERCENTILE)), None)
+                                                              args.stage1_epochs)), None)
             if step is None:
                 done.append(history)
             else:

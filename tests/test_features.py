@@ -167,10 +167,11 @@ def test_deeper_freeze_points_derive_from_the_shallowest(orl, mobilenet_025_weig
     assert cache.computed == 1  # the anchor at block 8; blocks 10 and 12 came from it
     # Derived activations equal a direct pass.
     base = base_of(model)
-    cut = split_at(model, backbones.first_trainable(base, backbones.get("MobileNet"), 10))
-    setting = cache.setting(params, FitConfig(**{**STAGE2.__dict__,
-                                                 "weights": str(mobilenet_025_weights)}), data)
-    derived = cache.in_memory(setting, cut.layer).val
+    first = backbones.first_trainable(base, backbones.get("MobileNet"), 10)
+    cut = split_at(model, first)
+    cfg = FitConfig(**{**STAGE2.__dict__, "weights": str(mobilenet_025_weights)})
+    derived = cache.for_trial(model, params, data, cfg, first).stage2()[1].val
+    assert cache.computed == 1
     direct = cut.prefix.predict(data.arrays("val", 96).x.astype(np.float32), verbose=0)
     np.testing.assert_allclose(derived.astype(np.float32), direct, rtol=0.02, atol=0.02)
 
@@ -196,9 +197,39 @@ def test_stage2_activations_wait_until_stage2(orl, mobilenet_025_weights):
                                               verbose=0)
     np.testing.assert_allclose(inputs.pooled.val, direct, rtol=0.02, atol=0.02)
     suffix, acts = inputs.stage2()
-    assert suffix is not None and cache.in_memory(setting, cut.layer) is acts
-    assert acts.val.shape[1:] == tuple(cut.prefix.output.shape[1:])
+    assert suffix is not None and acts.val.shape[1:] == tuple(cut.prefix.output.shape[1:])
     assert cache.computed == 1  # derived from the anchor, not from the images
+    # Held by the trial only: memory keeps the anchor and the pooled features, however many
+    # freeze points trials derive.
+    assert cache.in_memory(setting, cut.layer) is None and len(cache._memory) == 2
+
+
+def test_derived_activations_are_kept_on_disk_not_in_memory(orl, mobilenet_025_weights,
+                                                            tmp_path, monkeypatch):
+    """A freeze point derived for one trial is saved under the run's cache; the next trial at
+    that freeze point loads it instead of deriving again, and memory never holds it."""
+    import tuner.features as features
+
+    split_df, classes, root = orl
+    cache = FeatureCache(tmp_path, anchor_blocks={"MobileNet": 8})
+    data = TrialData(split_df, classes, ImageCache(root), features=cache)
+    cfg = FitConfig(**{**STAGE2.__dict__, "weights": str(mobilenet_025_weights)})
+    params = TrialParams(**{**PARAMS.to_dict(), "freeze_block": 12})
+    release()
+    model = build_model(params, len(classes), cfg.weights, seed=cfg.seed)
+    first = backbones.first_trainable(base_of(model), backbones.get("MobileNet"), 12)
+    inputs = cache.for_trial(model, params, data, cfg, first)
+    files = set(tmp_path.iterdir())
+    first_acts = inputs.stage2()[1]
+    assert len(set(tmp_path.iterdir()) - files) == 1  # the derived freeze point
+    assert len(cache._memory) == 2  # the anchor and the pooled features only
+
+    def no_derivation(*args):
+        raise AssertionError("derived again instead of loaded from disk")
+
+    monkeypatch.setattr(features, "_derive", no_derivation)
+    again = cache.for_trial(model, params, data, cfg, first).stage2()[1]
+    assert np.array_equal(again.train, first_acts.train) and again is not first_acts
 
 
 def test_activations_fall_back_to_float16_where_float32_does_not_fit(orl, mobilenet_025_weights):

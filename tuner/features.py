@@ -15,7 +15,10 @@ views, keyed also by the freeze point) and stage 2 trains only the suffix above 
 head, sharing their layers with the full model, which ends up with the trained weights. The
 activations are kept as float32 within a memory budget (float16 where only that fits); a
 freeze point whose activations do not fit (large inputs, early freeze points, big datasets)
-trains through the full model.
+trains through the full model. Memory holds per setting only what every trial needs (the
+anchor activations and the pooled features); a deeper freeze point derived from the anchor
+lives in memory while its trial runs and on disk after, so memory stays flat over a search
+that visits many freeze points.
 """
 from __future__ import annotations
 
@@ -180,7 +183,9 @@ class FeatureCache:
             middle = cut.middle(anchor[1])
         if middle is not None:
             source = self._memory[anchor[2]]
-            return self._get(key, lambda: _derive(middle, source, dtype))
+            # Held only while this trial uses them (and kept on disk for the next trial at
+            # this freeze point): memory stays flat however many freeze points a search visits.
+            return self._get(key, lambda: _derive(middle, source, dtype), keep=False)
         feats = self._get(key, lambda: self._from_images(cut.prefix, params, data, cfg, dtype))
         if anchor is None or cut.index < anchor[0]:
             self._anchors[setting] = (cut.index, cut.layer, key)
@@ -213,7 +218,8 @@ class FeatureCache:
         self.computed += 1
         return extract(extractor, params, data, cfg, dtype)
 
-    def _get(self, key: str, compute: Callable[[], Features]) -> Features:
+    def _get(self, key: str, compute: Callable[[], Features], keep: bool = True) -> Features:
+        """From memory, else disk, else `compute` (then saved); held in memory if `keep`."""
         if key in self._memory:
             self._memory[key] = self._memory.pop(key)  # newest last
             return self._memory[key]
@@ -221,6 +227,8 @@ class FeatureCache:
         if feats is None:
             feats = compute()
             self._save(key, feats)
+        if not keep:
+            return feats
         self._memory[key] = feats
         while len(self._memory) > 1 and \
                 sum(f.nbytes for f in self._memory.values()) > self.memory_bytes:

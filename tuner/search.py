@@ -30,6 +30,7 @@ from .config import SearchConfig, TrialParams
 from .data import load_or_make_split, scan, write_json
 from .errors import TunerError, UsageError
 from .pipeline import ImageCache
+from .pruning import PruningRule, optuna_pruner
 from .space import SearchSpace, define, load_space
 from .storage import (OPEN_ATTEMPTS, fail_dead_trials, finished_count, heartbeat,
                       open_storage, requeue, running_trials)
@@ -122,9 +123,6 @@ def _changed(saved: dict, current: dict, prefix: str = "") -> list[str]:
 # Optuna
 
 
-PRUNE_PERCENTILE = 75.0
-
-
 def storage_url(config: SearchConfig) -> str:
     return config.storage or f"journal:{config.run_dir / STUDY_JOURNAL}"
 
@@ -146,12 +144,10 @@ def open_study(config: SearchConfig, space: SearchSpace | None = None):
     storage = open_storage(url)
     name = config.study_name or "personclf"
     sampler = _sampler(config.fit.seed)
-    # Prune only what is hopeless: Optuna's percentile is the share of trials KEPT, so 75
-    # stops a trial in the bottom quartile of earlier trials at the same step. Stage 1 ranks
-    # trials poorly (stage 2's learning rate and freeze depth reorder them): the median
-    # pruner stopped the trial that became the best in the benchmark.
-    pruner = (optuna.pruners.PercentilePruner(PRUNE_PERCENTILE, n_startup_trials=4,
-                                              n_warmup_steps=1)
+    # Stage 1 ranks trials poorly, so the pruner judges it only where stage 2 is at stake and
+    # stops a trial in stage 2 only from its second epoch (tuner.pruning says why).
+    pruner = (optuna_pruner(PruningRule(config.fit.max_epochs_stage1,
+                                        config.fit.max_epochs_stage2 > 0))
               if config.pruning else optuna.pruners.NopPruner())
     created = False
     for attempt in range(OPEN_ATTEMPTS):
