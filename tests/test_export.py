@@ -178,7 +178,14 @@ def test_parity_on_the_test_split(exported, capsys):
     int8 = formats["int8"]["metrics"]
     assert int8["agreement"] >= INT8_AGREEMENT_FLOOR
     assert abs(int8["accuracy"] - keras_acc) <= 0.15
-    assert len(formats["int8"]["disagreements"]) == round((1 - int8["agreement"]) * test_rows)
+    disagree = formats["int8"]["disagreements"]
+    assert len(disagree) == round((1 - int8["agreement"]) * test_rows)
+    # Each shows how close Keras itself was between the two classes.
+    for d in disagree:
+        assert 0 <= d["keras_margin"] <= d["keras_probability"]
+    if disagree:
+        assert int8["disagreement_keras_margin_max"] == max(d["keras_margin"] for d in disagree)
+        assert f"{len(disagree)} photos disagree with Keras" in result.table()
     # The default threshold decides the outcome, and says so.
     assert manifest["parity"]["min_agreement"] == export.DEFAULT_MIN_AGREEMENT
     assert result.ok == (int8["agreement"] >= export.DEFAULT_MIN_AGREEMENT)

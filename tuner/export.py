@@ -807,11 +807,19 @@ def _parity(job: _Job, entries: dict[str, dict], best: dict, min_agreement: floa
             "mean_probability_difference": float(np.abs(probs - reference).max(axis=1).mean()),
             "latency_ms": round(runner.latency_ms(x[:LATENCY_IMAGES]), 3),
         }
-        # The disagreements, for inspection: nearly always near-ties in the Keras model.
+        # The disagreements, for inspection: nearly always near-ties in the Keras model, which
+        # `keras_margin` shows (Keras's probability of its class minus that of this format's).
+        differ = np.flatnonzero(top1 != ref_top1)
+        margins = reference[differ, ref_top1[differ]] - reference[differ, top1[differ]]
+        if len(differ):
+            entry["metrics"].update(disagreement_keras_margin_median=float(np.median(margins)),
+                                    disagreement_keras_margin_max=float(margins.max()))
         entry["disagreements"] = [
-            {"path": path, "keras": job.classes[r], "keras_probability": float(reference[i, r]),
-             name: job.classes[t], f"{name}_probability": float(probs[i, t])}
-            for i, (path, r, t) in enumerate(zip(rows["path"], ref_top1, top1)) if r != t][:20]
+            {"path": rows["path"].iloc[i], "keras": job.classes[ref_top1[i]],
+             "keras_probability": float(reference[i, ref_top1[i]]),
+             name: job.classes[top1[i]], f"{name}_probability": float(probs[i, top1[i]]),
+             "keras_margin": float(margin)}
+            for i, margin in zip(differ[:20], margins[:20])]
         if agreement < min_agreement:
             failures.append(f"{name}: top-1 agreement with Keras {agreement:.4f} is below "
                             f"--min-agreement {min_agreement:g} (files kept for inspection)")
@@ -960,6 +968,13 @@ def format_table(manifest: dict) -> str:
                                      "CPU ms/image", "status"], tablefmt="github"),
              f"test split: {parity.get('n', 0)} images; accuracy includes the Unknown "
              f"threshold {manifest.get('threshold', 0):.3f}; agreement = top-1 equal to Keras"]
+    for name, e in manifest["formats"].items():
+        m = e.get("metrics", {})
+        if m.get("disagreement_keras_margin_max") is not None:
+            lines.append(f"{name}: {round((1 - m['agreement']) * parity.get('n', 0))} photos "
+                         "disagree with Keras; there Keras's own probabilities of the two "
+                         f"classes differ by {m['disagreement_keras_margin_median']:.3f} "
+                         f"(median), {m['disagreement_keras_margin_max']:.3f} at most")
     rounding = manifest["formats"].get("int8", {}).get("weight_rounding") or {}
     if rounding.get("method") == "adaptive":
         lines.append(f"int8 weights: adaptive rounding, {rounding['flipped_from_nearest']} of "
