@@ -176,18 +176,24 @@ def test_deeper_freeze_points_derive_from_the_shallowest(orl, mobilenet_025_weig
     np.testing.assert_allclose(derived.astype(np.float32), direct, rtol=0.02, atol=0.02)
 
 
-def test_stage2_activations_wait_until_stage2(orl, mobilenet_025_weights):
-    """A trial pruned after stage 1 never pays for its freeze point's activations: for_trial
-    gives the pooled features (from the anchor) and derives the freeze point only on demand."""
+def _block12_trial(orl, weights, cache: FeatureCache):
+    """A fresh model for a trial frozen below block 12, with the cache as its trial data's:
+    (model, params, data, cfg, index of the first trainable layer)."""
     split_df, classes, root = orl
-    cache = FeatureCache(None, anchor_blocks={"MobileNet": 8})
     data = TrialData(split_df, classes, ImageCache(root), features=cache)
-    cfg = FitConfig(**{**STAGE2.__dict__, "weights": str(mobilenet_025_weights)})
+    cfg = FitConfig(**{**STAGE2.__dict__, "weights": str(weights)})
     params = TrialParams(**{**PARAMS.to_dict(), "freeze_block": 12})
     release()
     model = build_model(params, len(classes), cfg.weights, seed=cfg.seed)
-    spec = backbones.get("MobileNet")
-    first = backbones.first_trainable(base_of(model), spec, 12)
+    first = backbones.first_trainable(base_of(model), backbones.get("MobileNet"), 12)
+    return model, params, data, cfg, first
+
+
+def test_stage2_activations_wait_until_stage2(orl, mobilenet_025_weights):
+    """A trial pruned after stage 1 never pays for its freeze point's activations: for_trial
+    gives the pooled features (from the anchor) and derives the freeze point only on demand."""
+    cache = FeatureCache(None, anchor_blocks={"MobileNet": 8})
+    model, params, data, cfg, first = _block12_trial(orl, mobilenet_025_weights, cache)
     inputs = cache.for_trial(model, params, data, cfg, first)
     setting = cache.setting(params, cfg, data)
     cut = split_at(model, first)
@@ -210,14 +216,8 @@ def test_derived_activations_are_kept_on_disk_not_in_memory(orl, mobilenet_025_w
     that freeze point loads it instead of deriving again, and memory never holds it."""
     import tuner.features as features
 
-    split_df, classes, root = orl
     cache = FeatureCache(tmp_path, anchor_blocks={"MobileNet": 8})
-    data = TrialData(split_df, classes, ImageCache(root), features=cache)
-    cfg = FitConfig(**{**STAGE2.__dict__, "weights": str(mobilenet_025_weights)})
-    params = TrialParams(**{**PARAMS.to_dict(), "freeze_block": 12})
-    release()
-    model = build_model(params, len(classes), cfg.weights, seed=cfg.seed)
-    first = backbones.first_trainable(base_of(model), backbones.get("MobileNet"), 12)
+    model, params, data, cfg, first = _block12_trial(orl, mobilenet_025_weights, cache)
     inputs = cache.for_trial(model, params, data, cfg, first)
     files = set(tmp_path.iterdir())
     first_acts = inputs.stage2()[1]
