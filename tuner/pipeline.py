@@ -222,8 +222,8 @@ def plan_dataset(plan: EpochPlan, batch_size: int, fetch, labels: np.ndarray, nu
                  class_weight: dict[int, float] | None = None):
     """The plan's batches as one tf.data stream over all epochs: (x, one-hot[, weight]).
 
-    `fetch(view, rows) -> x` gathers a batch from one in-memory copy (images or cached
-    activations), so no Python runs per step; `fit` needs `steps_per_epoch=plan.steps`
+    `fetch(view, rows) -> x` gathers a batch from one in-memory copy (images, or cached
+    activations through one Python call per batch); `fit` needs `steps_per_epoch=plan.steps`
     to carry on through this one long stream instead of restarting it every epoch. One-hot
     labels let the loss apply label smoothing; class weights become per-sample weights.
     """
