@@ -179,7 +179,7 @@ def test_parity_on_the_test_split(exported, capsys):
     assert int8["agreement"] >= INT8_AGREEMENT_FLOOR
     assert abs(int8["accuracy"] - keras_acc) <= 0.15
     disagree = formats["int8"]["disagreements"]
-    assert len(disagree) == round((1 - int8["agreement"]) * test_rows)
+    assert len(disagree) == int8["disagreements"] == round((1 - int8["agreement"]) * test_rows)
     # Each shows how close Keras itself was between the two classes.
     for d in disagree:
         assert 0 <= d["keras_margin"] <= d["keras_probability"]

@@ -811,6 +811,7 @@ def _parity(job: _Job, entries: dict[str, dict], best: dict, min_agreement: floa
         # `keras_margin` shows (Keras's probability of its class minus that of this format's).
         differ = np.flatnonzero(top1 != ref_top1)
         margins = reference[differ, ref_top1[differ]] - reference[differ, top1[differ]]
+        entry["metrics"]["disagreements"] = int(len(differ))
         if len(differ):
             entry["metrics"].update(disagreement_keras_margin_median=float(np.median(margins)),
                                     disagreement_keras_margin_max=float(margins.max()))
@@ -971,7 +972,7 @@ def format_table(manifest: dict) -> str:
     for name, e in manifest["formats"].items():
         m = e.get("metrics", {})
         if m.get("disagreement_keras_margin_max") is not None:
-            lines.append(f"{name}: {round((1 - m['agreement']) * parity.get('n', 0))} photos "
+            lines.append(f"{name}: {m['disagreements']} photos "
                          "disagree with Keras; there Keras's own probabilities of the two "
                          f"classes differ by {m['disagreement_keras_margin_median']:.3f} "
                          f"(median), {m['disagreement_keras_margin_max']:.3f} at most")

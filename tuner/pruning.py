@@ -16,7 +16,8 @@ stopped the eventual best trial during stage 1 in two of three longer searches. 
 
 Steps are `trial.run_two_stages`'s: stage 1 at 0..E1-1, stage 2 at E1 + epoch. The rule is a
 pure function of the trial's and the completed trials' intermediate values, so
-`benchmarks/replay_pruning.py` replays exactly what the search does.
+`benchmarks/replay_pruning.py` applies exactly the search's rule to a recorded run (exact up
+to the first trial it stops: after that a real search's sampler sees other results).
 """
 from __future__ import annotations
 
