@@ -173,6 +173,7 @@ def test_parity_on_the_test_split(exported, capsys):
     for name in ("keras", "savedmodel", "tflite"):
         m = formats[name]["metrics"]
         assert m["agreement"] == 1.0 and m["max_probability_difference"] < 1e-3, name
+        assert m["agreement_ci95"][1] == 1.0 and m["agreement_ci95"][0] < 1.0, name
         assert m["accuracy"] == pytest.approx(keras_acc)
         assert m["latency_ms"] > 0
     int8 = formats["int8"]["metrics"]
@@ -185,11 +186,23 @@ def test_parity_on_the_test_split(exported, capsys):
         assert 0 <= d["keras_margin"] <= d["keras_probability"]
     if disagree:
         assert int8["disagreement_keras_margin_max"] == max(d["keras_margin"] for d in disagree)
-        assert f"{len(disagree)} photos disagree with Keras" in result.table()
+        low, high = int8["agreement_ci95"]
+        assert low < int8["agreement"] < high
+        assert (f"{len(disagree)} of {test_rows} photos disagree with Keras (agreement 95% "
+                f"interval {low:.3f}-{high:.3f})") in result.table()
     # The default threshold decides the outcome, and says so.
     assert manifest["parity"]["min_agreement"] == export.DEFAULT_MIN_AGREEMENT
     assert result.ok == (int8["agreement"] >= export.DEFAULT_MIN_AGREEMENT)
     assert manifest["parity"]["passed"] == result.ok
+
+
+def test_agreement_interval_is_wilsons():
+    # Wilson's lower bound for n of n is n / (n + z^2): 32 agreeing photos cannot show 0.97.
+    low, high = export.agreement_interval(32, 32)
+    assert high == 1.0 and low == pytest.approx(32 / (32 + 1.959964 ** 2), abs=1e-4)
+    low, high = export.agreement_interval(283, 294)  # the lfw model's int8 parity
+    assert low < 0.9626 < 0.97 < high
+    assert (low, high) == pytest.approx((0.9343, 0.979), abs=1e-3)
 
 
 def test_manifest_lists_every_file_with_its_checksum(exported):
@@ -240,7 +253,7 @@ def test_min_agreement_above_one_fails_and_keeps_the_files(run_dir, tmp_path, ca
              "--calibration-images", "20")
     out = capsys.readouterr().out
     assert rc == 1
-    assert "FAILED int8: top-1 agreement" in out and "1.01" in out
+    assert "FAILED int8: top-1 agreement" in out and "1.01" in out and "95% interval" in out
     folder = run / "export"
     manifest = json.loads((folder / "manifest.json").read_text())
     assert (folder / "model_int8.tflite").is_file()
