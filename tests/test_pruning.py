@@ -114,10 +114,9 @@ def test_search_uses_the_two_stage_pruner(tmp_path: Path):
 
     (tmp_path / "run").mkdir()
     (tmp_path / "other").mkdir()
-    pruner = open_study(config()).pruner
-    assert type(pruner).__name__ == "TwoStagePruner"
-    # It applies the search's stage-1 length: a trial below both completed ones stops at step 2.
     study = open_study(config())
+    assert type(study.pruner).__name__ == "TwoStagePruner"
+    # It applies the search's stage-1 length: a trial below both completed ones stops at step 2.
     for value in (0.5, 0.6):
         trial = study.ask()
         for step in range(5):

@@ -796,12 +796,13 @@ def _parity(job: _Job, entries: dict[str, dict], best: dict, min_agreement: floa
         probs = runner.predict(x)
         ev = evaluate_predictions(y, probs, job.classes, threshold=threshold, unknown=unknown)
         top1 = probs.argmax(axis=1)
-        agreement = float((top1 == ref_top1).mean())
-        interval = agreement_interval(int((top1 == ref_top1).sum()), len(top1))
+        same = top1 == ref_top1
+        agreement = float(same.mean())
+        interval = agreement_interval(int(same.sum()), len(same))
         entry["metrics"] = {
             "accuracy": float(ev["accuracy"]),
             "balanced_accuracy": float(ev["balanced_accuracy"]),
-            "top1_accuracy": float((probs.argmax(axis=1) == y).mean()),
+            "top1_accuracy": float((top1 == y).mean()),
             "agreement": agreement,
             "agreement_ci95": interval,
             "max_probability_difference": float(np.abs(probs - reference).max()),
@@ -811,7 +812,7 @@ def _parity(job: _Job, entries: dict[str, dict], best: dict, min_agreement: floa
         }
         # The disagreements, for inspection: nearly always near-ties in the Keras model, which
         # `keras_margin` shows (Keras's probability of its class minus that of this format's).
-        differ = np.flatnonzero(top1 != ref_top1)
+        differ = np.flatnonzero(~same)
         margins = reference[differ, ref_top1[differ]] - reference[differ, top1[differ]]
         entry["metrics"]["disagreements"] = int(len(differ))
         if len(differ):
@@ -826,7 +827,7 @@ def _parity(job: _Job, entries: dict[str, dict], best: dict, min_agreement: floa
         if agreement < min_agreement:
             failures.append(f"{name}: top-1 agreement with Keras {agreement:.4f} is below "
                             f"--min-agreement {min_agreement:g} (95% interval {interval[0]:.3f}"
-                            f"-{interval[1]:.3f} on {len(top1)} photos; files kept for inspection)")
+                            f"-{interval[1]:.3f} on {len(same)} photos; files kept for inspection)")
     parity["passed"] = not failures
     return parity, failures
 
