@@ -191,3 +191,13 @@ def test_python_dash_m_entry_point(tmp_path):
     version = subprocess.run([sys.executable, "-m", "tuner.cli", "--version"], cwd=tmp_path,
                              env=env, capture_output=True, text=True, timeout=120)
     assert version.returncode == 0 and version.stdout.startswith("personclf-tune ")
+
+
+def test_head_refit_is_on_unless_turned_off_and_not_part_of_a_runs_identity(data, space,
+                                                                            tmp_path):
+    argv = ["search", "--data", str(data), "--space", str(space), "--output", str(tmp_path / "r")]
+    on = cli.search_config(cli.build_parser().parse_args(argv))
+    off = cli.search_config(cli.build_parser().parse_args([*argv, "--no-head-refit"]))
+    assert on.head_refit and not off.head_refit
+    # It only changes the final retrain, so a run resumes with or without it.
+    assert on.identity() == off.identity()

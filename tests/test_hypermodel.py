@@ -23,7 +23,8 @@ from tuner.data import scan, split
 from tuner.hypermodel import PersonHyperModel, base_of, build_model, head_layers
 from tuner.pipeline import ImageCache
 from tuner.space import OptunaHP, load_space
-from tuner.trial import TrialData, freeze_imports, release, run_two_stages
+from tuner.trial import (TrialData, freeze_imports, refit_head, release, run_two_stages,
+                         score)
 
 SIZE = 96
 FREEZE_BLOCK = 10  # MobileNet's freeze point 10 is the start of its 10th depthwise block
@@ -306,6 +307,55 @@ def test_real_faces_reach_far_above_chance_and_stage2_improves(datasets, mobilen
     assert res.stage2_best > res.stage1_best, res.history
     assert res.best_stage == 2
     assert res.best["val_accuracy"] > 0.5
+    del model
+    release()
+
+
+# ------------------------------------------------------------------------------------------
+# 4b. Stage 3 of the final retrain: the head refit on the tuned backbone
+
+
+def test_head_refit_replaces_the_head_only_when_validation_improves(sample_data,
+                                                                    mobilenet_025_weights):
+    release()
+    keras.utils.set_random_seed(SEED)
+    model = build_model(SMALL, len(sample_data.classes), str(mobilenet_025_weights), seed=SEED)
+    reads: list[str] = []
+    data = replace(sample_data)
+    data.arrays = lambda which, size: (reads.append(which), sample_data.arrays(which, size))[1]
+    cfg = FitConfig(weights=str(mobilenet_025_weights), max_epochs_stage1=4, patience=4,
+                    seed=SEED)
+    val = sample_data.arrays("val", SIZE)
+
+    def val_objective() -> float:
+        return score(val.y, model.predict(val.x.astype("float32"), verbose=0))["balanced_accuracy"]
+
+    def non_head(snapshot: dict) -> dict:
+        return {k: v for k, v in snapshot.items() if not k[0].startswith("head_")}
+
+    # An untrained head on ImageNet features: refitting it must help, and the model must then
+    # score on validation exactly what the refit recorded.
+    start, before = _snapshot(model), val_objective()
+    record = refit_head(model, SMALL, data, cfg)
+    assert record["candidates"] == ["augmented", "plain"]  # SMALL augments: both are tried
+    assert record["before"] == pytest.approx(before, abs=1e-9)
+    assert record["kept"] and record["after"] > record["before"]
+    assert record["features"] in record["candidates"] and 1 <= record["epochs"] <= 4
+    assert val_objective() == pytest.approx(record["after"], abs=1e-9)
+    refitted = _snapshot(model)
+    for key, value in non_head(start).items():  # only the head moved
+        np.testing.assert_array_equal(refitted[key], value, err_msg=str(key))
+    assert set(reads) == {"train", "val"}  # the test split is never read
+
+    # A refit that cannot improve (a learning rate that moves nothing) leaves the head as it
+    # was, bit for bit; without augmentation only the plain photos are a candidate.
+    still = replace(SMALL, augment=0.0, lr_stage1=1e-12)
+    record = refit_head(model, still, data, replace(cfg, max_epochs_stage1=1))
+    assert record["candidates"] == ["plain"]
+    assert not record["kept"] and record["after"] == record["before"]
+    assert record["features"] is None and record["epochs"] == 0
+    for key, value in refitted.items():
+        np.testing.assert_array_equal(_snapshot(model)[key], value, err_msg=str(key))
     del model
     release()
 

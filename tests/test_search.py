@@ -161,6 +161,17 @@ def test_end_to_end(work, optuna_run, sample_dir, tmp_path, capsys):
         else:
             assert hyper[name] == pytest.approx(float(expected)), name
     assert set(manifest["versions"]) >= {"personclf_tune", "tensorflow", "keras"}
+    # Stage 3, the head refit, ran where stage 2 won; the saved model scores on validation
+    # what it recorded (the refit's head if it helped, stage 2's if not).
+    training = manifest["training"]
+    refit = training["head_refit"]
+    assert (refit is None) == (training["best_stage"] == 1)
+    if refit is not None:
+        assert refit["after"] >= refit["before"]
+        kept = refit["after"] if refit["kept"] else refit["before"]
+        assert manifest["metrics"]["val"]["balanced_accuracy"] == pytest.approx(kept, abs=1e-9)
+        assert "Head refit on the tuned backbone: val_balanced_accuracy " \
+            f"{refit['before']:.4f}" in optuna_run.stdout
     report = json.loads((run / "best" / "test_report.json").read_text())
     assert report["accuracy"] == pytest.approx(manifest["metrics"]["test"]["accuracy"])
 

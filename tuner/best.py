@@ -44,13 +44,14 @@ def params_from_row(row) -> TrialParams:
 
 
 def retrain_best(run, best_row) -> tuple[Path, dict]:
-    """Retrain the best trial's configuration on train (early stopping on val), then test it."""
+    """Retrain the best trial's configuration on train (early stopping on val), refit its head
+    on the tuned backbone where that helps on val (`trial.refit_head`), then test it."""
     import keras
 
     from .hypermodel import build_model
     from .report import calibrate_threshold, evaluate_predictions, format_evaluation, \
         plot_confusion_matrix
-    from .trial import release, run_two_stages, score
+    from .trial import refit_head, release, run_two_stages, score
 
     cfg = run.config
     params = params_from_row(best_row)
@@ -59,6 +60,10 @@ def retrain_best(run, best_row) -> tuple[Path, dict]:
     keras.utils.set_random_seed(cfg.fit.seed)
     model = build_model(params, len(classes), cfg.fit.weights, seed=cfg.fit.seed)
     result = run_two_stages(model, params, run.data, cfg.fit)
+    # Stage 3, here only: one more forward pass per candidate is worth it for the model that
+    # ships, not for every trial of the search (which ranks on the two stages).
+    refit = refit_head(model, params, run.data, cfg.fit) \
+        if cfg.head_refit and result.best_stage == 2 else None
 
     val = run.data.arrays("val", params.input_size)
     probs_val = predict_probs(model, val.x)
@@ -95,7 +100,7 @@ def retrain_best(run, best_row) -> tuple[Path, dict]:
         "training": {"epochs_stage1": result.epochs_stage1,
                      "epochs_stage2": result.epochs_stage2, "best_stage": result.best_stage,
                      "seconds": round(result.seconds, 1), "weights": cfg.fit.weights,
-                     "seed": cfg.fit.seed},
+                     "seed": cfg.fit.seed, "head_refit": refit},
         "source": {"run": str(run.root), "trial": int(best_row["number"]),
                    "trial_value": float(best_row["value"])},
         "versions": _versions(),

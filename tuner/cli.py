@@ -7,6 +7,7 @@ one line and exit 2; no traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
@@ -70,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-pruning", action="store_true", help="never stop a trial early")
     p.add_argument("--no-retrain", action="store_true",
                    help="skip retraining and testing the best trial (and its export)")
+    p.add_argument("--no-head-refit", action="store_true",
+                   help="keep the retrained best's head as stage 2 left it (default: refit it "
+                        "on the tuned backbone when that raises the validation objective)")
     p.add_argument("--no-export", action="store_true",
                    help="skip exporting the best model (run `personclf-tune export RUN` later)")
     p.add_argument("--workers", type=int, default=1, metavar="K",
@@ -180,6 +184,7 @@ def search_config(args: argparse.Namespace):
         backbones=tuple(b.strip() for b in args.backbones.split(",") if b.strip()),
         engine=args.engine, storage=args.storage, study_name=args.study_name,
         pruning=not args.no_pruning, retrain_best=not args.no_retrain,
+        head_refit=not args.no_head_refit,
         workers=args.workers, fast=not args.no_cache,
         cache_memory_mb=args.cache_memory_mb, max_failures=args.max_failures, scan=scan_cfg,
         split=SplitConfig(args.val_fraction, args.test_fraction, args.seed), fit=fit)
@@ -216,9 +221,13 @@ def cmd_search(args: argparse.Namespace) -> int:
     print()
     print(summary_text(outcome.trials, config.fit.objective))
     if outcome.evaluation is not None:
-        from .report import format_evaluation
+        from .report import format_evaluation, head_refit_text
 
         print(f"\nBest trial retrained, test split ({outcome.best_dir}):")
+        refit = json.loads((outcome.best_dir / "manifest.json").read_text())["training"] \
+            .get("head_refit")
+        if refit:
+            print(head_refit_text(refit))
         print(format_evaluation(outcome.evaluation))
         if not args.no_export:
             from .export import export_run

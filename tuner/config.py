@@ -158,6 +158,8 @@ class SearchConfig:
     study_name: str | None = None
     pruning: bool = True
     retrain_best: bool = True
+    # After the retrain's stage 2, refit the head on the tuned backbone if validation improves.
+    head_refit: bool = True
     workers: int = 1
     # Reuse work across trials: decoded images, stage-1 backbone features and stage-2
     # activations at the freeze point are computed once (see tuner.features), and trials are
@@ -200,8 +202,8 @@ class SearchConfig:
         d["data_dir"] = str(self.data_dir.resolve())
         d["space"] = str(self.space.resolve())
         d["scan"]["data_dir"] = d["data_dir"]
-        for key in ("trials", "workers", "retrain_best", "run_dir", "cache_memory_mb",
-                    "max_failures"):
+        for key in ("trials", "workers", "retrain_best", "head_refit", "run_dir",
+                    "cache_memory_mb", "max_failures"):
             d.pop(key)
         d["fit"].pop("verbose")
         return _jsonable(d)

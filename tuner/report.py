@@ -167,6 +167,15 @@ def summary_text(df: pd.DataFrame, objective: str = DEFAULT_OBJECTIVE, top: int 
     return "\n".join(lines)
 
 
+def head_refit_text(refit: dict) -> str:
+    """One line on the retrain's stage 3 (`trial.refit_head`), from the manifest's record."""
+    line = f"Head refit on the tuned backbone: {refit['objective']} {refit['before']:.4f}"
+    if refit["kept"]:
+        return (f"{line} -> {refit['after']:.4f} (kept: {refit['features']} features, "
+                f"{refit['epochs']} epochs, {refit['seconds']:.0f} s)")
+    return f"{line}; no refit beat it, stage 2's head kept ({refit['seconds']:.0f} s)"
+
+
 # -- result files ---------------------------------------------------------------------------
 
 

@@ -11,7 +11,7 @@ import gc
 import math
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Protocol
 
 import keras
@@ -22,7 +22,7 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 from . import backbones
 from .config import FitConfig, TrialParams
 from .data import class_weights
-from .hypermodel import base_of
+from .hypermodel import base_of, head_layers
 from .pipeline import (ImageCache, SplitArrays, make_dataset, predict_batch, split_arrays,
                        train_stream, views_for)
 
@@ -261,6 +261,52 @@ def run_two_stages(model: keras.Model, params: TrialParams, data: TrialData, cfg
     result.total_params = int(model.count_params())
     result.seconds = time.perf_counter() - start
     return result
+
+
+def refit_head(model: keras.Model, params: TrialParams, data: TrialData,
+               cfg: FitConfig) -> dict:
+    """Stage 3 of the final retrain: refit the head on the fine-tuned backbone's features.
+
+    Why: stage 1 fits the head to the ImageNet backbone; stage 2 then moves the backbone at a
+    learning rate too low to move the head much, so the head ends fitted to features that are
+    no longer there. Refitting it on the tuned backbone's pooled features (at the head's own
+    learning rate, early stopping on validation) costs one forward pass. Two candidates start
+    from the current head: features of the trial's augmented copies, and of the plain photos
+    (what the head sees in use). The better one replaces the head only if it beats the current
+    model on the validation objective; the test split is never read. Returns what happened,
+    for the manifest.
+    """
+    from .features import extract, feature_extractor, head_model
+
+    start = time.perf_counter()
+    metric = cfg.objective.removeprefix("val_")
+    size = params.input_size
+    train, val = data.arrays("train", size), data.arrays("val", size)
+    class_weight = data.class_weight()
+    before = score(val.y, model.predict(val.x.astype(np.float32), verbose=0))[metric]
+    heads = head_layers(model)
+    initial = [layer.get_weights() for layer in heads]
+    extractor = feature_extractor(model)
+    candidates = {"augmented": params} if params.augment > 0 else {}
+    candidates["plain"] = replace(params, augment=0.0)
+    best_name, best_value, best_weights, epochs = None, before, None, 0
+    for name, candidate in candidates.items():
+        feats = extract(extractor, candidate, data, cfg)
+        for layer, weights in zip(heads, initial):
+            layer.set_weights(weights)
+        keras.utils.set_random_seed(cfg.seed)
+        values: list[float] = []
+        ran = _fit_cached(head_model(model, feats.train.shape[-1]), feats, params.lr_stage1,
+                          cfg.max_epochs_stage1, candidate, cfg, train, val, class_weight,
+                          lambda epoch, logs: values.append(logs[cfg.objective]), None)
+        if values and max(values) > best_value:  # early stopping restored its best epoch
+            best_name, best_value, epochs = name, max(values), ran
+            best_weights = [layer.get_weights() for layer in heads]
+    for layer, weights in zip(heads, best_weights or initial):
+        layer.set_weights(weights)
+    return {"objective": cfg.objective, "before": before, "after": best_value,
+            "kept": best_name is not None, "features": best_name, "epochs": epochs,
+            "candidates": list(candidates), "seconds": round(time.perf_counter() - start, 1)}
 
 
 def _fit_cached(net: keras.Model, feats, learning_rate: float, epochs: int, params: TrialParams,
