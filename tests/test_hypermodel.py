@@ -282,7 +282,9 @@ def test_real_faces_reach_far_above_chance_and_stage2_improves(datasets, mobilen
     Measured on a busy 2-core CPU (seed 42): stage 1 best val balanced accuracy 0.675, stage 2
     0.7625 (val accuracy 0.73), 20-30 s. Seeds 1-3 gave 0.69-0.71 and 0.80-0.84. With
     lr_stage2 = 1e-3 stage 2 wrecks the ImageNet features in its first epoch (0.29):
-    fine-tuning needs ~1e-4.
+    fine-tuning needs ~1e-4. The retrain's head refit then lifts validation from 0.7625 to
+    0.90 and test from 0.8125 to 0.875 (2-4 s); on the test photos, which it never reads, it
+    must help too, not just fit validation.
     """
     release()
     root = datasets / "att_orl_faces"
@@ -307,6 +309,20 @@ def test_real_faces_reach_far_above_chance_and_stage2_improves(datasets, mobilen
     assert res.stage2_best > res.stage1_best, res.history
     assert res.best_stage == 2
     assert res.best["val_accuracy"] > 0.5
+
+    test = data.arrays("test", params.input_size)
+
+    def test_score() -> float:
+        probs = model.predict(test.x.astype("float32"), verbose=0)
+        return score(test.y, probs)["balanced_accuracy"]
+
+    before = test_score()
+    refit = refit_head(model, params, data, cfg)
+    after = test_score()
+    print(f"head refit: val {refit['before']:.4f} -> {refit['after']:.4f}, "
+          f"test {before:.4f} -> {after:.4f}, {refit['seconds']:.1f} s")
+    assert refit["kept"] and refit["after"] >= refit["before"] + 0.05, refit
+    assert after > before
     del model
     release()
 
