@@ -270,9 +270,9 @@ def refit_head(model: keras.Model, params: TrialParams, data: TrialData,
     Why: stage 1 fits the head to the ImageNet backbone; stage 2 then moves the backbone at a
     learning rate too low to move the head much, so the head ends fitted to features that are
     no longer there. Refitting it on the tuned backbone's pooled features (at the head's own
-    learning rate, early stopping on validation) costs one forward pass. Two candidates start
-    from the current head: features of the trial's augmented copies, and of the plain photos
-    (what the head sees in use). The better one replaces the head only if it beats the current
+    learning rate, early stopping on validation) costs a forward pass per candidate. The
+    candidates, each started from the current head: features of the trial's augmented copies
+    (when it augments) and of the plain photos (what the head sees in use). The better one replaces the head only if it beats the current
     model on the validation objective; the test split is never read. Returns what happened,
     for the manifest.
     """
