@@ -312,13 +312,13 @@ def test_real_faces_reach_far_above_chance_and_stage2_improves(datasets, mobilen
 
     test = data.arrays("test", params.input_size)
 
-    def test_score() -> float:
+    def on_test() -> float:
         probs = model.predict(test.x.astype("float32"), verbose=0)
         return score(test.y, probs)["balanced_accuracy"]
 
-    before = test_score()
+    before = on_test()
     refit = refit_head(model, params, data, cfg)
-    after = test_score()
+    after = on_test()
     print(f"head refit: val {refit['before']:.4f} -> {refit['after']:.4f}, "
           f"test {before:.4f} -> {after:.4f}, {refit['seconds']:.1f} s")
     assert refit["kept"] and refit["after"] >= refit["before"] + 0.05, refit
@@ -363,10 +363,11 @@ def test_head_refit_replaces_the_head_only_when_validation_improves(sample_data,
         np.testing.assert_array_equal(refitted[key], value, err_msg=str(key))
     assert set(reads) == {"train", "val"}  # the test split is never read
 
-    # A refit that cannot improve (a learning rate that moves nothing) leaves the head as it
-    # was, bit for bit; without augmentation only the plain photos are a candidate.
-    still = replace(SMALL, augment=0.0, lr_stage1=1e-12)
-    record = refit_head(model, still, data, replace(cfg, max_epochs_stage1=1))
+    # A refit that only makes things worse (a learning rate that throws the head far away)
+    # is undone: the head is back as it was, bit for bit. Without augmentation only the plain
+    # photos are a candidate.
+    wild = replace(SMALL, augment=0.0, lr_stage1=10.0)
+    record = refit_head(model, wild, data, replace(cfg, max_epochs_stage1=1))
     assert record["candidates"] == ["plain"]
     assert not record["kept"] and record["after"] == record["before"]
     assert record["features"] is None and record["epochs"] == 0

@@ -810,7 +810,7 @@ def _parity(job: _Job, entries: dict[str, dict], best: dict, min_agreement: floa
             "mean_probability_difference": float(np.abs(probs - reference).max(axis=1).mean()),
             "latency_ms": round(runner.latency_ms(x[:LATENCY_IMAGES]), 3),
         }
-        # The disagreements, for inspection: nearly always near-ties in the Keras model, which
+        # The disagreements, for inspection: often near-ties in the Keras model, which
         # `keras_margin` shows (Keras's probability of its class minus that of this format's).
         differ = np.flatnonzero(~same)
         margins = reference[differ, ref_top1[differ]] - reference[differ, top1[differ]]
@@ -835,7 +835,7 @@ def _parity(job: _Job, entries: dict[str, dict], best: dict, min_agreement: floa
 def agreement_interval(agreeing: int, n: int) -> list[float]:
     """95% Wilson interval of a top-1 agreement measured on `n` photos. On a few hundred test
     photos it is several points wide (lfw: 283 of 294 gives 0.934-0.979), which a reader of a
-    0.97 gate needs to know: the photos that disagree are nearly all near-ties."""
+    0.97 gate needs to know: its verdict can rest on two or three photos."""
     from scipy.stats import binomtest
 
     ci = binomtest(agreeing, n).proportion_ci(confidence_level=0.95, method="wilson")
