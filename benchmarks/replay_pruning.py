@@ -9,10 +9,12 @@ suggests other trials.
 
     python benchmarks/replay_pruning.py RUN [--stage1-epochs 5]
 
-Rules: `search` (the search's own pruner, `tuner.pruning.PruningRule`); `percentile` (the
-rule it replaced, Optuna's PercentilePruner(75, n_startup_trials=4, n_warmup_steps=1): below
-the bottom quartile of earlier completed trials at the same step, from step 1); `stage2` (the
-search's stage-2 rule alone, nothing stopped at the boundary).
+Rules: `search` (the search's own pruner, `tuner.pruning.PruningRule`); `below_worst` (the
+search's rule before stage 2 had a warmup: between the stages it stopped every trial whose
+stage-1 best was below every completed trial's); `percentile` (the rule before that,
+Optuna's PercentilePruner(75, n_startup_trials=4, n_warmup_steps=1): below the bottom
+quartile of earlier completed trials at the same step, from step 1); `stage2` (the search's
+stage-2 rule alone, nothing stopped between the stages).
 """
 from __future__ import annotations
 
@@ -29,10 +31,10 @@ def stops(rule: str, history: dict[int, float], done: list[dict[int, float]], st
     """Whether `rule` stops a trial with `history` (step -> value) at `step`."""
     from tuner.pruning import PruningRule
 
-    if rule == "search":
-        return PruningRule(stage1_epochs).stops(history, done, step)
-    if rule == "stage2":
-        return PruningRule(stage1_epochs, boundary_min_completed=10**9).stops(history, done, step)
+    fractions = {"search": PruningRule.boundary_fraction, "below_worst": 1.0, "stage2": 0.0}
+    if rule in fractions:
+        return PruningRule(stage1_epochs, boundary_fraction=fractions[rule]).stops(history, done,
+                                                                                   step)
     if len(done) < STARTUP or step < WARMUP:
         return False
     at = [d[step] for d in done if step in d]
@@ -57,7 +59,7 @@ def main() -> None:
     values = [t.value for t in trials]
     best = int(np.argmax(values))
     print(f"{len(trials)} complete trials; best: trial {trials[best].number} {values[best]:.4f}")
-    for rule in ("search", "percentile", "stage2"):
+    for rule in ("search", "below_worst", "percentile", "stage2"):
         done, stopped = [], []
         for t in trials:
             history = dict(t.intermediate_values)
@@ -68,7 +70,7 @@ def main() -> None:
             else:
                 stopped.append((t.number, step))
         kept = [v for t, v in zip(trials, values) if t.number not in dict(stopped)]
-        print(f"{rule:9s} stops (trial, step) {stopped}; best kept: "
+        print(f"{rule:11s} stops (trial, step) {stopped}; best kept: "
               f"{trials[best].number not in dict(stopped)}; best found {max(kept):.4f}")
 
 

@@ -6,6 +6,7 @@ backbone, and it fails at once (no download is possible offline); nothing here t
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -201,3 +202,32 @@ def test_head_refit_is_on_unless_turned_off_and_not_part_of_a_runs_identity(data
     assert on.head_refit and not off.head_refit
     # It only changes the final retrain, so a run resumes with or without it.
     assert on.identity() == off.identity()
+
+
+def test_stage2_warmup_flag_is_part_of_a_runs_identity_and_old_runs_resume(data, space,
+                                                                            tmp_path, capsys):
+    from tuner.search import _check_config
+    from tuner.errors import UsageError
+
+    run = tmp_path / "r"
+    argv = ["search", "--data", str(data), "--space", str(space), "--output", str(run)]
+    default = cli.search_config(cli.build_parser().parse_args(argv))
+    off = cli.search_config(cli.build_parser().parse_args([*argv, "--stage2-warmup-epochs",
+                                                           "0"]))
+    assert default.fit.warmup_epochs_stage2 == 1 and off.fit.warmup_epochs_stage2 == 0
+    # It changes what every trial trains, so a run resumes only with the same value.
+    assert default.identity() != off.identity()
+    assert cli.main([*argv, "--stage2-warmup-epochs", "-1"]) == 2
+    line = capsys.readouterr().err.strip()
+    assert len(line.splitlines()) == 1 and "--stage2-warmup-epochs -1" in line
+
+    # A run directory written before the setting existed trained stage 2 at the full rate
+    # from its first step: it resumes with --stage2-warmup-epochs 0 and is refused with the
+    # new default, naming the setting.
+    run.mkdir()
+    old = off.identity()
+    del old["fit"]["warmup_epochs_stage2"]
+    (run / "config.json").write_text(json.dumps({**old, "version": 1}))
+    _check_config(off, run / "config.json")
+    with pytest.raises(UsageError, match=r"fit\.warmup_epochs_stage2"):
+        _check_config(default, run / "config.json")

@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_training_flags(p: argparse.ArgumentParser) -> None:
+    from .config import FitConfig
+
     p.add_argument("--weights", default="imagenet", metavar="imagenet|none|PATH",
                    help="backbone weights: Keras's ImageNet download/cache (KERAS_HOME), "
                         "random init, or a local weights file")
@@ -128,6 +130,10 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-epochs-stage2", type=int, metavar="N",
                    help="epoch limit of stage 2 (default: --max-epochs; 0 skips it)")
     p.add_argument("--patience", type=int, default=3)
+    p.add_argument("--stage2-warmup-epochs", type=int, default=FitConfig.warmup_epochs_stage2,
+                   metavar="N", dest="warmup_epochs_stage2",
+                   help="stage 2's learning rate rises linearly from 0 over N epochs "
+                        f"(default {FitConfig.warmup_epochs_stage2}; 0: full rate from the start)")
     p.add_argument("--class-weight", choices=("balanced", "max_over_count", "none"),
                    default="balanced")
     p.add_argument("--seed", type=int, default=42)
@@ -173,7 +179,9 @@ def search_config(args: argparse.Namespace):
     fit = FitConfig(max_epochs_stage1=args.max_epochs, max_epochs_stage2=stage2,
                     patience=args.patience, class_weight=args.class_weight, seed=args.seed,
                     weights=resolve_weights(args.weights), objective=args.objective,
-                    augment_views=args.augment_views, mixed_precision=args.mixed_precision,
+                    augment_views=args.augment_views,
+                    warmup_epochs_stage2=args.warmup_epochs_stage2,
+                    mixed_precision=args.mixed_precision,
                     jit_compile=args.jit_compile)
     scan_cfg = ScanConfig(args.data, unknown_name=args.unknown_name,
                           no_face_policy=args.no_face_policy,

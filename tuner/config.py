@@ -111,6 +111,9 @@ class FitConfig:
     # the activation caches hold exactly what an uncached trial trains on (the cache changes
     # speed, never the result). One copy when augmentation is off.
     augment_views: int = 4
+    # Stage 2's learning rate rises linearly from 0 over this many epochs, then stays: the
+    # first full-rate Adam steps on a just-unfrozen backbone can wreck its features.
+    warmup_epochs_stage2: int = 1
     mixed_precision: bool = False
     jit_compile: bool = False
     verbose: int = 0
@@ -122,6 +125,8 @@ class FitConfig:
             )
         if self.max_epochs_stage1 < 1 or self.max_epochs_stage2 < 0 or self.patience < 1:
             raise UsageError("--max-epochs must be >= 1 and --patience >= 1")
+        if self.warmup_epochs_stage2 < 0:
+            raise UsageError(f"--stage2-warmup-epochs {self.warmup_epochs_stage2}: must be >= 0")
         if self.augment_views < 1:
             raise UsageError(f"--augment-views {self.augment_views}: must be at least 1")
 

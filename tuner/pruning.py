@@ -1,18 +1,24 @@
 """Pruning two-stage trials: stop what is hopeless, keep what may still win.
 
 Stage 1 (the head on a frozen backbone) ranks trials poorly: stage 2's learning rate and
-freeze depth reorder them, and stage 2's first epoch at a high learning rate often drops the
-score before it climbs past everything (on lfw_12people, one trial went 0.41, 0.34, then 0.69
-in four more epochs). A percentile pruner over every step (Optuna's, which this replaces)
-stopped the eventual best trial during stage 1 in two of three longer searches. So:
+freeze depth reorder them, and without its warmup (`FitConfig.warmup_epochs_stage2`) stage
+2's first epoch at a high learning rate often dropped the score before it climbed past
+everything (on lfw_12people, one trial went 0.41, 0.34, then 0.69 in four more epochs). A
+percentile pruner over every step (Optuna's, which this replaces) stopped the eventual best
+trial during stage 1 in two of three longer searches. So:
 
 - during stage 1, never: on cached features it costs about a second, nothing worth saving,
   and its early epochs say least;
 - between the stages (stage 1's last step, which every trial reports: `trial.run_two_stages`),
-  stop a trial whose stage-1 best is below every completed trial's, once two have completed:
-  a trial worse than the worst finished one does not pay for stage 2;
-- in stage 2, from its second epoch, stop a trial whose best so far is below the bottom
-  quartile of the completed trials' values at that step, once four have completed.
+  stop only a hopeless trial: one whose stage-1 best is below half the worst stage-1 best of
+  the completed trials, once two have completed (a head that learned next to nothing, from a
+  diverged or far too low learning rate). Stopping every trial below the worst completed
+  one, the rule until stage 2 got its warmup, stopped the eventual best in two of the
+  recorded searches: a low stage-1 rate with a high stage-2 rate makes a poor stage 1 and,
+  warmed up, the best stage 2;
+- in stage 2, from its second epoch (the first is still warming up), stop a trial whose best
+  so far is below the bottom quartile of the completed trials' values at that step, once four
+  have completed.
 
 Steps are `trial.run_two_stages`'s: stage 1 at 0..E1-1, stage 2 at E1 + epoch. The rule is a
 pure function of the trial's and the completed trials' intermediate values, so
@@ -33,6 +39,7 @@ class PruningRule:
     stage1_steps: int  # --max-epochs of stage 1: stage 2 starts at this step
     has_stage2: bool = True  # without a stage 2 nothing is saved by stopping at the boundary
     boundary_min_completed: int = 2
+    boundary_fraction: float = 0.5  # of the worst completed stage-1 best; 0 never stops there
     stage2_min_completed: int = 4
     stage2_skip_epochs: int = 1  # stage 2's first epoch(s) are not judged
     stage2_percentile: float = 25.0  # the bottom share of completed trials that stops
@@ -50,7 +57,7 @@ class PruningRule:
                 return False
             stage1_bests = [max(v for s, v in c.items() if s <= boundary)
                             for c in completed if any(s <= boundary for s in c)]
-            return bool(stage1_bests) and best < min(stage1_bests)
+            return bool(stage1_bests) and best < self.boundary_fraction * min(stage1_bests)
         if step < self.stage1_steps + self.stage2_skip_epochs:
             return False
         at = [c[step] for c in completed if step in c]

@@ -91,12 +91,20 @@ def prepare(config: SearchConfig) -> Run:
     return Run(config, space, data)
 
 
+# Settings added after a run's config.json format was fixed: a run directory written before one
+# existed ran with the value given here, so it still resumes with that value.
+LEGACY_SETTINGS = {"fit": {"warmup_epochs_stage2": 0}}
+
+
 def _check_config(config: SearchConfig, path: Path) -> None:
     """A rerun on the same directory must use the same settings (more trials is fine)."""
     current = config.identity()
     if path.exists():
         saved = json.loads(path.read_text())
         saved.pop("version", None)
+        for section, defaults in LEGACY_SETTINGS.items():
+            if isinstance(saved.get(section), dict):
+                saved[section] = {**defaults, **saved[section]}
         changed = _changed(saved, current)
         if changed:
             raise UsageError(

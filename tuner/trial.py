@@ -157,7 +157,7 @@ class TrialResult:
 
 
 def compile_model(model: keras.Model, learning_rate: float, params: TrialParams,
-                  cfg: FitConfig, train_ds=None) -> None:
+                  cfg: FitConfig, train_ds=None, warmup_steps: int = 0) -> None:
     """Compile for one stage; with `train_ds`, also create the optimizer's and metrics' state.
 
     Keras (TensorFlow backend, no distribution strategy) otherwise creates that state inside
@@ -165,6 +165,9 @@ def compile_model(model: keras.Model, learning_rate: float, params: TrialParams,
     traces the whole step a second time: building it first halves the tracing, which is a
     large share of a trial on cached activations.
     """
+    if warmup_steps > 0:  # linear from 0, then constant (alpha=1: the cosine part is flat)
+        learning_rate = keras.optimizers.schedules.CosineDecay(
+            0.0, decay_steps=1, alpha=1.0, warmup_target=learning_rate, warmup_steps=warmup_steps)
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=params.label_smoothing),
@@ -196,12 +199,12 @@ def run_two_stages(model: keras.Model, params: TrialParams, data: TrialData, cfg
         if reporter is not None:
             reporter.report(step, entry)
 
-    def fit_stage(learning_rate: float, epochs: int) -> int:
+    def fit_stage(learning_rate: float, epochs: int, warmup_epochs: int = 0) -> int:
         train_ds, steps = train_stream(train, k, params.batch_size, seed=cfg.seed,
                                        epochs=epochs, views=views_for(params, cfg),
                                        augment_strength=params.augment,
                                        class_weight=class_weight)
-        compile_model(model, learning_rate, params, cfg, train_ds)
+        compile_model(model, learning_rate, params, cfg, train_ds, warmup_epochs * steps)
         early = keras.callbacks.EarlyStopping(monitor=cfg.objective, mode="max",
                                               patience=cfg.patience, restore_best_weights=True)
         callbacks = [ValidationMetrics(val_ds, val.y, k, on_step), early,
@@ -249,9 +252,11 @@ def run_two_stages(model: keras.Model, params: TrialParams, data: TrialData, cfg
             suffix, activations = cached
             result.epochs_stage2 = _fit_cached(suffix, activations, params.lr_stage2,
                                                cfg.max_epochs_stage2, params, cfg, train, val,
-                                               class_weight, on_step, extra_callbacks)
+                                               class_weight, on_step, extra_callbacks,
+                                               cfg.warmup_epochs_stage2)
         else:
-            result.epochs_stage2 = fit_stage(params.lr_stage2, cfg.max_epochs_stage2)
+            result.epochs_stage2 = fit_stage(params.lr_stage2, cfg.max_epochs_stage2,
+                                             cfg.warmup_epochs_stage2)
         result.stage2_best = _best(result.history, cfg.objective, stage=2)
         if not result.stage2_best > result.stage1_best:
             model.set_weights(stage1_weights)  # stage 2 never beat stage 1: keep stage 1
@@ -311,7 +316,7 @@ def refit_head(model: keras.Model, params: TrialParams, data: TrialData,
 
 def _fit_cached(net: keras.Model, feats, learning_rate: float, epochs: int, params: TrialParams,
                 cfg: FitConfig, train: SplitArrays, val: SplitArrays, class_weight, on_step,
-                extra_callbacks) -> int:
+                extra_callbacks, warmup_epochs: int = 0) -> int:
     """Fit `net` (layers shared with the full model) on cached activations: the same batches
     of the same augmented copies as `fit_stage`, validated on the cached validation
     activations."""
@@ -322,7 +327,7 @@ def _fit_cached(net: keras.Model, feats, learning_rate: float, epochs: int, para
     k = int(net.output.shape[-1])
     train_ds, steps = view_dataset(feats.train, train.y, k, class_weight, params.batch_size,
                                    cfg.seed, epochs)
-    compile_model(net, learning_rate, params, cfg, train_ds)
+    compile_model(net, learning_rate, params, cfg, train_ds, warmup_epochs * steps)
     val_ds = tf.data.Dataset.from_tensor_slices(
         (feats.val.astype(np.float32), np.eye(k, dtype=np.float32)[val.y])).batch(256)
     early = keras.callbacks.EarlyStopping(monitor=cfg.objective, mode="max",
