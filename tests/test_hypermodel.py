@@ -361,7 +361,7 @@ def test_stage2_warmup_keeps_a_high_learning_rate_from_wrecking_the_backbone(dat
                          dropout=0.3, l2=2e-5, label_smoothing=0.1, lr_stage1=3.5e-4,
                          lr_stage2=2.5e-4, freeze_block=14, augment=0.0, batch_size=32)
     weights = weights_dir / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
-    stage2 = {}
+    stage1, stage2 = {}, {}
     for warmup in (0, 1):
         cfg = FitConfig(max_epochs_stage1=10, max_epochs_stage2=3, patience=10, seed=42,
                         weights=str(weights), warmup_epochs_stage2=warmup)
@@ -370,9 +370,11 @@ def test_stage2_warmup_keeps_a_high_learning_rate_from_wrecking_the_backbone(dat
         stage2[warmup] = [h[cfg.objective] for h in res.history if h["stage"] == 2]
         print(f"\nwarmup {warmup}: stage 1 best {res.stage1_best:.4f}, stage 2 "
               f"{', '.join(f'{v:.4f}' for v in stage2[warmup])}")
-        stage1_best = res.stage1_best
+        stage1[warmup] = res.stage1_best
         del model
         release()
+    assert stage1[0] == stage1[1]  # the warmup touches stage 2 only
+    stage1_best = stage1[0]
     assert len(stage2[0]) == len(stage2[1]) == 3
     assert stage2[0][0] < stage1_best - 0.15  # the collapse the warmup is for
     assert stage2[1][0] > stage1_best - 0.08  # no collapse
