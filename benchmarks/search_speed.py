@@ -17,6 +17,7 @@ Writes results/bench/search_speed.md and results/bench/search_speed.json:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -60,7 +61,10 @@ def run_mode(args) -> dict:
         rss.append(round(current, 1))
         peaks.append(round(peak, 1))
         states.append(row["state"])
-        rows.append({k: v for k, v in row.items() if isinstance(v, (int, float, str))})
+        rows.append({**{k: v for k, v in row.items() if isinstance(v, (int, float, str))},
+                     # the best epoch's validation metrics (loss included): the modes compare
+                     # trial for trial on more than the objective
+                     **{k: v for k, v in row.get("metrics", {}).items() if k.startswith("val_")}})
         print(f"[{args.mode}] trial {row['number']} {row['state']} "
               f"{row.get('value', float('nan')):.4f} {row['seconds']:.0f}s rss {current:.0f} MiB",
               flush=True)
@@ -83,7 +87,10 @@ def run_mode(args) -> dict:
             "trials": len(states), "states": states,
             "trials_per_hour": round(len(states) / seconds * 3600, 1),
             "best_val_balanced_accuracy": float(done["val_balanced_accuracy"].max()),
-            "rss_mb": rss, "peak_rss_mb": peaks, "trial_rows": rows}
+            "rss_mb": rss, "peak_rss_mb": peaks, "trial_rows": rows,
+            # Every training setting the trials ran with, defaults included (the warmup, the
+            # augmented copies): what a later reader needs to compare runs of different code.
+            "fit": dataclasses.asdict(config.fit)}
 
 
 def main() -> int:
@@ -138,6 +145,7 @@ def main() -> int:
             100 * (naive["best_val_balanced_accuracy"] - only["best_val_balanced_accuracy"]), 2)
     results["config"] = {k: getattr(args, k) for k in
                          ("data", "space", "trials", "max_epochs", "patience", "seed", "weights")}
+    results["config"]["fit"] = fast["fit"]
     from tabulate import tabulate
 
     rows = [[m, r["seconds"], r["trials_per_hour"], f"{r['best_val_balanced_accuracy']:.4f}",
