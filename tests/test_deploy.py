@@ -6,6 +6,7 @@ import ctypes
 import getpass
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -116,8 +117,27 @@ def test_predict_reports_unreadable_images(exported, tmp_path, capsys):
     assert cli("predict", result.out_dir / "model_int8.tflite", bad, "--json") == 1
     out = json.loads(capsys.readouterr().out)
     assert out[0]["image"] == str(bad) and "error" in out[0]
+    assert "after the scan" not in out[0]["error"]  # predict scanned nothing
     with pytest.raises(UsageError, match="no such image"):
         deploy.predict(result.out_dir, [tmp_path / "missing.jpg"])
+
+
+def test_predict_and_evaluate_give_one_line_errors_for_broken_models(exported, tmp_path,
+                                                                     sample_dir):
+    _, result = exported
+    broken = shutil.copytree(result.out_dir, tmp_path / "export")
+    (broken / "model_int8.tflite").write_bytes(b"not a flatbuffer")
+    photo = next((sample_dir / "Tony_Blair").iterdir())
+    with pytest.raises(UsageError, match="model_int8.tflite: cannot load the model"):
+        deploy.predict(broken, [photo])
+    (broken / "manifest.json").write_text('{"files": {')
+    with pytest.raises(UsageError, match="manifest.json: unreadable manifest"):
+        deploy.predict(broken, [photo])
+    # `evaluate` takes an export (or a device's release) as well as RUN/best.
+    from tuner.best import evaluate_model
+
+    evaluation = evaluate_model(result.out_dir, sample_dir)
+    assert evaluation["accuracy"] > 0.2 and len(evaluation["confusion_matrix"]) == 5
 
 
 def test_edgetpu_model_needs_the_runtime(exported, tmp_path):
@@ -181,7 +201,9 @@ def test_failed_copy_leaves_current_untouched(tmp_path, monkeypatch):
         copied.append(dst)
 
     monkeypatch.setattr(deploy, "copy_file", flaky)
-    with pytest.raises(OSError, match="No space"):
+    # One line for the user (DeployError is a TunerError: the CLI prints it, no traceback).
+    with pytest.raises(deploy.DeployError, match="No space left on device; current was not "
+                                                 "changed"):
         deploy.promote(second, str(dest))
     assert len(copied) == 2
     assert _layout(dest) == before
@@ -270,15 +292,126 @@ def test_rollback_and_pruning(tmp_path, capsys):
         deploy.rollback(str(tmp_path / "empty"))
 
 
-def test_destination_parsing():
+def test_destination_parsing(monkeypatch):
     assert isinstance(deploy.destination("/opt/x"), deploy.LocalDestination)
     assert isinstance(deploy.destination("./rel:dir"), deploy.LocalDestination)
     remote = deploy.destination("pi@coral.local:/opt/personclf/", ["-p", "2222"])
     assert isinstance(remote, deploy.SSHDestination)
     assert (remote.host, remote.root) == ("pi@coral.local", "/opt/personclf")
     assert remote.ssh_options[-2:] == ["-p", "2222"]
-    with pytest.raises(UsageError, match="folder on the host"):
-        deploy.destination("coral:")
+    # ~ is the login's home, where ssh and rsync both start (quoted, it would be a folder "~")
+    assert deploy.destination("pi@coral:~/models").root == "models"
+    assert deploy.destination("pi@coral:~").root == "."
+    bad = {"coral:": "folder on the host", "pi@[::1]:/opt/x": "IPv6",
+           "pi@::1:/opt/x": "IPv6", "-oProxyCommand=touch_x:/opt/x": "cannot start with '-'",
+           "ssh://pi@coral:2222/opt/x": "--ssh-option=-p2222", "pi@coral:~bob/x": "absolute"}
+    for dest, message in bad.items():
+        with pytest.raises(UsageError, match=re.escape(message)):
+            deploy.destination(dest)
+    monkeypatch.setenv(deploy.SSH_OPTS_ENV, "-o 'unclosed")
+    with pytest.raises(UsageError, match="PERSONCLF_SSH_OPTS: No closing quotation"):
+        deploy.destination("pi@coral:/opt/x")
+
+
+def _edit_manifest(folder: Path, **changes) -> Path:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest.update(changes)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def test_a_manifest_cannot_name_files_outside_its_folder(tmp_path):
+    dest = tmp_path / "device"
+    deploy.promote(fake_export(tmp_path / "good", 0.8, "good"), str(dest))
+    before = sorted((str(p), p.read_bytes()) for p in dest.rglob("*") if p.is_file())
+    for name in ("../../x.txt", "../current/model_int8.tflite", str(tmp_path / "abs.txt"),
+                 "a/../../x.txt", "line\nbreak.txt"):
+        folder = fake_export(tmp_path / "deep" / "evil", 0.9, "evil")
+        target = (folder / name) if not name.startswith("/") else Path(name)
+        if "\n" not in name:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(b"EVIL")
+        files = json.loads((folder / "manifest.json").read_text())["files"]
+        _edit_manifest(folder, files={**files, name: sha256(target) if target.exists() else ""})
+        with pytest.raises(UsageError, match="is not a file name inside the export folder"):
+            deploy.promote(folder, str(dest))
+        # nothing written: the copy would have landed in DEST, its releases/ or current
+        assert sorted((str(p), p.read_bytes()) for p in dest.rglob("*") if p.is_file()) == before
+        shutil.rmtree(tmp_path / "deep")
+    with pytest.raises(UsageError, match="'files' is not a table"):
+        deploy.promote(_edit_manifest(fake_export(tmp_path / "list", 0.9), files=["a"]),
+                       str(dest))
+
+
+def test_unreadable_or_incomplete_manifests_are_one_line_refusals(tmp_path):
+    dest = tmp_path / "device"
+    deploy.promote(fake_export(tmp_path / "a", 0.8, "a"), str(dest))
+    # A new export without a finite test metric cannot pass the gate against one with it.
+    for value in (float("nan"), None):
+        metrics = {"test": {}} if value is None else {"test": {"balanced_accuracy": value}}
+        folder = _edit_manifest(fake_export(tmp_path / f"m{value}", 0.9, "x"), metrics=metrics)
+        with pytest.raises(deploy.PromotionRefused, match="n/a of .* is missing against 0.8000"):
+            deploy.promote(folder, str(dest))
+    # `parity: null` is no parity record, not a crash.
+    deploy.promote(_edit_manifest(fake_export(tmp_path / "p", 0.85, "p"), parity=None),
+                   str(dest))
+    # A damaged manifest on the device stops the gate, and --force replaces the release.
+    (dest / "current" / "manifest.json").write_text('{"files": {')
+    better = fake_export(tmp_path / "better", 0.95, "better")
+    with pytest.raises(deploy.PromotionRefused, match="unreadable.*--force"):
+        deploy.promote(better, str(dest))
+    assert deploy.promote(better, str(dest), force=True).release.startswith("0003-")
+    # A damaged source manifest is a one-line error too.
+    (better / "manifest.json").write_text("[1, 2")
+    with pytest.raises(UsageError, match="unreadable manifest"):
+        deploy.promote(better, str(dest))
+
+
+def test_a_changed_manifest_is_a_new_release(tmp_path):
+    dest = tmp_path / "device"
+    folder = fake_export(tmp_path / "a", 0.8, "a")
+    deploy.promote(folder, str(dest))
+    assert deploy.promote(folder, str(dest)).already_current
+    _edit_manifest(folder, threshold=0.9)  # same model files, a new Unknown threshold
+    result = deploy.promote(folder, str(dest))
+    assert not result.already_current
+    assert json.loads((dest / "current" / "manifest.json").read_text())["threshold"] == 0.9
+
+
+def test_bad_device_folders_are_refused_before_copying(tmp_path):
+    export_dir = fake_export(tmp_path / "a", 0.8, "a")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(UsageError, match="is a file, not a folder"):
+        deploy.promote(export_dir, str(afile))
+    by_hand = tmp_path / "device"
+    (by_hand / "current").mkdir(parents=True)
+    with pytest.raises(UsageError, match="current is not a link"):
+        deploy.promote(export_dir, str(by_hand))
+    assert not (by_hand / "releases").exists()
+
+
+def test_rollback_never_returns_to_a_release_rolled_back_from(tmp_path, capsys):
+    dest = tmp_path / "device"
+
+    def tag() -> str:
+        return json.loads((dest / "current" / "manifest.json").read_text())["tag"]
+
+    for name, metric in (("a", 0.8), ("b", 0.9)):
+        deploy.promote(fake_export(tmp_path / name, metric, name), str(dest), keep=2)
+    deploy.rollback(str(dest))  # b was bad
+    assert tag() == "a"
+    # an interrupted promote's leftovers: an old one is removed by the next promote
+    stale, fresh = (dest / "releases" / ".incoming-0007-x"), (dest / "releases" / ".incoming-0008-y")
+    stale.mkdir()
+    fresh.mkdir()
+    os.utime(stale, (time.time() - 2 * 3600,) * 2)
+    result = deploy.promote(fake_export(tmp_path / "c", 0.7, "c"), str(dest), keep=2, force=True)
+    assert result.release.startswith("0009-")  # numbers are never reused
+    assert any(n.startswith(".rolled-back-0002-") for n in result.pruned)
+    assert ".incoming-0007-x" in result.pruned and fresh.is_dir()
+    assert deploy.rollback(str(dest))[1].startswith("0001-")
+    assert tag() == "a"  # not b, which was rolled back from
 
 
 # -- promote over ssh to a real sshd on 127.0.0.1 -------------------------------------------

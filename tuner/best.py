@@ -126,14 +126,37 @@ def _versions() -> dict:
 
 
 def load_manifest(model_path: Path) -> dict:
-    """The manifest beside a saved model (`best/manifest.json`)."""
+    """The manifest beside a saved model (`best/manifest.json`, an export or a release)."""
     path = Path(model_path)
     candidates = [path / "manifest.json", path.parent / "manifest.json"]
     for candidate in candidates:
         if candidate.is_file():
-            return json.loads(candidate.read_text())
+            return read_manifest_file(candidate)
     raise UsageError(f"{model_path}: no manifest.json beside the model; pass a run's best/ "
                      "folder or its model.keras")
+
+
+def read_manifest_file(path: Path) -> dict:
+    """A manifest.json as a dict, or a one-line error naming it (hand-edited, truncated)."""
+    try:
+        manifest = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UsageError(f"{path}: unreadable manifest ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}); restore it or "
+                         "export again") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("classes"), list):
+        raise UsageError(f"{path}: not a personclf-tune manifest; restore it or export again")
+    return manifest
+
+
+def input_size(manifest: dict, where: Path | str = "manifest.json") -> int:
+    """The model's square input size: `input.shape` (RUN/best) or `input.size` (an export)."""
+    spec = manifest.get("input") or {}
+    try:
+        return int(spec["shape"][1]) if spec.get("shape") else int(spec["size"])
+    except (KeyError, IndexError, TypeError, ValueError):
+        raise UsageError(f"{where}: no input size in the manifest; restore it or export "
+                         "again") from None
 
 
 def load_keras_model(model_path: Path):
@@ -165,7 +188,7 @@ def evaluate_model(model_path: Path, data_dir: Path, no_face_policy: str = "memb
     model = load_keras_model(model_path)
     classes = list(manifest["classes"])
     unknown = manifest.get("unknown_label", "Unknown")
-    size = int(manifest["input"]["shape"][1])
+    size = input_size(manifest, model_path)
     scanned = scan(ScanConfig(Path(data_dir), unknown_name=unknown, no_face_policy=no_face_policy))
     if scanned.images.empty:
         raise UsageError(f"{data_dir}: no usable images to evaluate")

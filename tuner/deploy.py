@@ -8,8 +8,12 @@ Device layout (a local folder, or `[user@]host:/path` over ssh and rsync):
 A release is copied under a temporary name, its files are checked against the sha256 sums of
 its manifest, and only then renamed into `releases/` and `current` switched to it with one
 atomic rename of a symlink. So a failed or interrupted copy never changes what `current` runs.
-Older releases are kept for `rollback` (`--keep N`). The champion gate refuses a model whose
-test balanced accuracy is worse than the current one's, unless forced.
+Files are flushed to disk before `current` moves, so a power cut cannot leave it pointing at
+half-written files. Older releases are kept for `rollback` (`--keep N`); a release rolled back
+from is renamed `.rolled-back-<id>` (never a rollback target again, removed by the next
+promote). The champion gate refuses a model whose test balanced accuracy is worse than the
+current one's, or that has none while the current one has, unless forced. Every file name a
+manifest lists must be a plain relative path inside its folder.
 
 Every external command is an argument list (never `shell=True`); commands that run on the
 remote host are quoted with `shlex` because ssh hands them to the remote shell.
@@ -18,14 +22,16 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import re
 import shlex
 import shutil
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
@@ -35,6 +41,8 @@ from .export import sha256_file
 RELEASES = "releases"
 CURRENT = "current"
 INCOMING = ".incoming-"
+ROLLED_BACK = ".rolled-back-"
+STALE_INCOMING_S = 3600  # an interrupted promote's leftovers, removed by a later promote
 DEFAULT_KEEP = 3
 GATE_METRIC = "balanced_accuracy"
 SSH_OPTS_ENV = "PERSONCLF_SSH_OPTS"
@@ -66,15 +74,20 @@ def predict(model: Path, inputs, fmt: str | None = None) -> list[dict]:
     from .pipeline import load_image
 
     path, manifest = resolve_model(Path(model), fmt)
-    runner = open_model(path)
+    images = image_paths(inputs)
+    try:
+        runner = open_model(path)
+    except (ValueError, RuntimeError, OSError) as exc:
+        raise UsageError(f"{path}: cannot load the model ({str(exc).splitlines()[0]}); "
+                         "export it again") from None
     classes = list(manifest["classes"])
     threshold = float(manifest.get("threshold", 0.0))
     unknown = manifest.get("unknown_label", "Unknown")
     size = runner.input_size
     results = []
-    for image in image_paths(inputs):
+    for image in images:
         try:
-            pixels = load_image(image, size)
+            pixels = load_image(image, size, scanned=False)
         except (DatasetError, OSError) as exc:
             results.append({"image": str(image), "error": str(exc)})
             continue
@@ -99,12 +112,13 @@ def predict(model: Path, inputs, fmt: str | None = None) -> list[dict]:
 
 def resolve_model(path: Path, fmt: str | None = None) -> tuple[Path, dict]:
     """The model file to run and the manifest that names its classes and threshold."""
+    from .best import read_manifest_file
     from .export import FORMATS, MANIFEST
 
     if not path.exists():
         raise UsageError(f"{path}: no such model file or folder")
     if path.is_dir() and (path / MANIFEST).is_file():
-        manifest = json.loads((path / MANIFEST).read_text())
+        manifest = read_manifest_file(path / MANIFEST)
         formats = manifest.get("formats")
         if not formats:  # RUN/best: the Keras model only
             return path / "model.keras", manifest
@@ -120,7 +134,7 @@ def resolve_model(path: Path, fmt: str | None = None) -> tuple[Path, dict]:
         path = path / FORMATS[fmt].path
     for folder in (path.parent, path.parent.parent):
         if (folder / MANIFEST).is_file():
-            return path, json.loads((folder / MANIFEST).read_text())
+            return path, read_manifest_file(folder / MANIFEST)
     raise UsageError(f"{path}: no manifest.json beside the model; keep the model in its "
                      "export folder (RUN/export) or a release folder")
 
@@ -149,8 +163,26 @@ def image_paths(inputs) -> list[Path]:
 
 
 def copy_file(src: Path, dst: Path) -> None:
-    """Copy one file (a seam: tests make it fail halfway through a release)."""
+    """Copy one file and flush it to disk (a seam: tests make it fail halfway through a
+    release)."""
     shutil.copy2(src, dst)
+    with open(dst, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename or a new entry in `folder` durable (a no-op where folders cannot be
+    opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 class LocalDestination:
@@ -168,26 +200,44 @@ class LocalDestination:
     def __str__(self) -> str:
         return str(self.root)
 
+    def problem(self) -> str | None:
+        """Why this is not a usable device folder, or None."""
+        if self.root.exists() and not self.root.is_dir():
+            return f"{self.root} is a file, not a folder; choose a folder"
+        link = self.root / CURRENT
+        if link.exists() and not link.is_symlink():
+            return (f"{link} is not a link (made by hand?); move it away, then promote again")
+        return None
+
     def current(self) -> str | None:
         link = self.root / CURRENT
         return Path(os.readlink(link)).name if link.is_symlink() else None
 
-    def releases(self) -> list[str]:
+    def entries(self) -> list[str]:
+        """Every folder in releases/, the hidden ones (.incoming-, .rolled-back-) included."""
         folder = self.root / RELEASES
-        if not folder.is_dir():
-            return []
-        return sorted((p.name for p in folder.iterdir()
-                       if p.is_dir() and not p.name.startswith(".")), key=_order)
+        return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
 
-    def read_manifest(self, release: str) -> dict | None:
+    def releases(self) -> list[str]:
+        return sorted((n for n in self.entries() if not n.startswith(".")), key=_order)
+
+    def stale(self, prefix: str, seconds: float) -> list[str]:
+        """Hidden entries starting with `prefix` untouched for longer than `seconds`."""
+        now = time.time()
+        return [n for n in self.entries() if n.startswith(prefix)
+                and now - (self.root / RELEASES / n).stat().st_mtime > seconds]
+
+    def read_manifest(self, release: str) -> str | None:
         path = self.root / RELEASES / release / "manifest.json"
-        return json.loads(path.read_text()) if path.is_file() else None
+        return path.read_text() if path.is_file() else None
 
     def upload(self, src: Path, files: list[str], name: str) -> None:
         staging = self.root / RELEASES / name
         for rel in files:
             (staging / rel).parent.mkdir(parents=True, exist_ok=True)
             copy_file(src / rel, staging / rel)
+        for folder in {(staging / rel).parent for rel in files}:
+            _fsync_dir(folder)
 
     def checksums(self, name: str, files: list[str]) -> dict[str, str]:
         folder = self.root / RELEASES / name
@@ -195,13 +245,19 @@ class LocalDestination:
 
     def rename(self, old: str, new: str) -> None:
         os.rename(self.root / RELEASES / old, self.root / RELEASES / new)
+        _fsync_dir(self.root / RELEASES)
 
     def switch(self, release: str) -> None:
         tmp = self.root / f".{CURRENT}.tmp-{os.getpid()}"
         if tmp.is_symlink() or tmp.exists():
             tmp.unlink()
         os.symlink(f"{RELEASES}/{release}", tmp)
-        os.replace(tmp, self.root / CURRENT)
+        try:
+            os.replace(tmp, self.root / CURRENT)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(self.root)
 
     def remove(self, name: str) -> None:
         shutil.rmtree(self.root / RELEASES / name, ignore_errors=True)
@@ -252,19 +308,40 @@ class SSHDestination:
     def _path(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *parts])
 
+    def problem(self) -> str | None:
+        out = self.run("sh", "-c", 'if [ -e "$1" ] && [ ! -d "$1" ]; then echo file; '
+                       'elif [ -e "$2" ] && [ ! -L "$2" ]; then echo notlink; fi', "sh",
+                       self.root, self._path(CURRENT)).strip()
+        if out == "file":
+            return f"{self} is a file, not a folder; choose a folder"
+        if out == "notlink":
+            return f"{self}/{CURRENT} is not a link (made by hand?); move it away, then promote again"
+        return None
+
     def current(self) -> str | None:
         out = self.run("readlink", "--", self._path(CURRENT), check=False).strip()
         return out.rsplit("/", 1)[-1] if out else None
 
-    def releases(self) -> list[str]:
+    def entries(self) -> list[str]:
         out = self.run("sh", "-c", 'test -d "$1" && ls -1A -- "$1" || true', "sh",
                        self._path(RELEASES))
-        return sorted((n for n in out.splitlines() if n and not n.startswith(".")), key=_order)
+        return sorted(n for n in out.splitlines() if n)
 
-    def read_manifest(self, release: str) -> dict | None:
+    def releases(self) -> list[str]:
+        return sorted((n for n in self.entries() if not n.startswith(".")), key=_order)
+
+    def stale(self, prefix: str, seconds: float) -> list[str]:
+        out = self.run("sh", "-c", 'cd -- "$1" 2>/dev/null || exit 0; now=$(date +%s); '
+                       'for f in "$2"*; do [ -d "$f" ] || continue; '
+                       't=$(stat -c %Y -- "$f") || continue; '
+                       '[ $((now - t)) -gt "$3" ] && printf "%s\\n" "$f"; done; true', "sh",
+                       self._path(RELEASES), prefix, str(int(seconds)), check=False)
+        return [n for n in out.splitlines() if n.startswith(prefix)]
+
+    def read_manifest(self, release: str) -> str | None:
         out = self.run("sh", "-c", 'test -f "$1" && cat -- "$1" || true', "sh",
                        self._path(RELEASES, release, "manifest.json"))
-        return json.loads(out) if out.strip() else None
+        return out if out.strip() else None
 
     def upload(self, src: Path, files: list[str], name: str) -> None:
         target = self._path(RELEASES, name)
@@ -281,6 +358,7 @@ class SSHDestination:
         if proc.returncode != 0:
             raise DeployError(f"rsync to {self.host} failed (exit {proc.returncode}): "
                               f"{proc.stderr.strip()[-300:]}")
+        self.run("sync")  # on the device's disk before `current` can point at them
 
     def checksums(self, name: str, files: list[str]) -> dict[str, str]:
         out = self.run("sh", "-c", 'cd "$1" && shift && sha256sum -- "$@"', "sh",
@@ -296,27 +374,45 @@ class SSHDestination:
 
     def switch(self, release: str) -> None:
         tmp = self._path(f".{CURRENT}.tmp")
-        self.run("sh", "-c", 'ln -sfn -- "$1" "$2" && mv -Tf -- "$2" "$3"', "sh",
+        self.run("sh", "-c", 'ln -sfn -- "$1" "$2" && mv -Tf -- "$2" "$3" && sync', "sh",
                  f"{RELEASES}/{release}", tmp, self._path(CURRENT))
 
     def remove(self, name: str) -> None:
         self.run("rm", "-rf", "--", self._path(RELEASES, name), check=False)
 
 
-_REMOTE = re.compile(r"^(?P<host>(?:[^@/:\s]+@)?[^@/:\s]+):(?P<path>.*)$")
+_REMOTE = re.compile(r"^(?P<host>(?:[^@/:\s\[\]]+@)?[^@/:\s\[\]]+):(?P<path>.*)$")
 
 
 def destination(dest: str, ssh_options=()) -> LocalDestination | SSHDestination:
     """`[user@]host:/path` (a colon before any slash, as rsync reads it) or a local folder."""
     text = str(dest)
+    if Path(text).exists():
+        return LocalDestination(Path(text))
+    if re.match(r"^[a-z+]+://", text):
+        raise UsageError(f"--to {dest}: write [user@]host:/path (a port goes in "
+                         "--ssh-option=-p2222 or ~/.ssh/config)")
     m = _REMOTE.match(text)
-    if m and not Path(text).exists():
-        if not m.group("path"):
-            raise UsageError(f"--to {dest}: give the folder on the host, e.g. {m.group('host')}:"
-                             "/opt/personclf")
+    if m is None:
+        if "@" in text.split("/", 1)[0]:  # user@ and then no plain host: an IPv6 address?
+            raise UsageError(f"--to {dest}: cannot read it as [user@]host:/path; for an IPv6 "
+                             "address, name the host in ~/.ssh/config and use that name")
+        return LocalDestination(Path(text))
+    host, path = m.group("host"), m.group("path")
+    if host.split("@")[-1].startswith("-"):
+        raise UsageError(f"--to {dest}: a host name cannot start with '-'")
+    if not path:
+        raise UsageError(f"--to {dest}: give the folder on the host, e.g. {host}:/opt/personclf")
+    if path == "~" or path.startswith("~/"):
+        path = path[2:] or "."  # ssh and rsync both start in the home folder
+    elif path.startswith("~"):
+        raise UsageError(f"--to {dest}: give the folder as an absolute path or one relative "
+                         "to the login's home folder")
+    try:
         options = shlex.split(os.environ.get(SSH_OPTS_ENV, "")) + list(ssh_options)
-        return SSHDestination(m.group("host"), m.group("path"), options)
-    return LocalDestination(Path(text))
+    except ValueError as exc:
+        raise UsageError(f"${SSH_OPTS_ENV}: {exc}; fix its quoting") from None
+    return SSHDestination(host, path, options)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,33 +435,46 @@ def promote(source: Path, dest: str, *, keep: int = DEFAULT_KEEP, force: bool = 
     """Copy an export (RUN or RUN/export) to DEST as a new release and make it `current`."""
     if keep < 1:
         raise UsageError(f"--keep {keep}: keep at least the current release")
-    folder = _export_folder(Path(source))
-    manifest = json.loads((folder / "manifest.json").read_text())
+    folder, manifest = _export_folder(Path(source))
     expected = _verify_local(folder, manifest)
     with destination(dest, ssh_options) as d:
-        return _promote(d, folder, manifest, expected, keep, force)
+        try:
+            return _promote(d, folder, manifest, expected, keep, force)
+        except OSError as exc:  # a local DEST before the switch: full disk, no permission
+            raise DeployError(f"promote to {d}: {_os_reason(exc)}; {CURRENT} was not "
+                              "changed") from None
 
 
 def _promote(d, folder: Path, manifest: dict, expected: dict, keep: int,
              force: bool) -> PromoteResult:
+    if problem := d.problem():
+        raise UsageError(f"--to: {problem}")
     current = d.current()
-    current_manifest = d.read_manifest(current) if current else None
+    try:
+        text = d.read_manifest(current) if current else None
+        current_manifest = json.loads(text) if text is not None else None
+    except ValueError:
+        if not force:
+            raise PromotionRefused(f"{d}: the manifest of the current release {current} is "
+                                   "unreadable, so the champion gate cannot compare; pass "
+                                   "--force to replace it") from None
+        current_manifest = None
     new_metric, cur_metric = _metric(manifest), _metric(current_manifest)
     result = PromoteResult(str(d), None, current, new_metric, cur_metric)
-    if current_manifest is not None and current_manifest.get("files") == manifest.get("files"):
+    if current_manifest == manifest:
         result.release, result.already_current = current, True
         return result
-    if not manifest.get("parity", {}).get("passed", True) and not force:
+    parity = manifest.get("parity") or {}
+    if not parity.get("passed", True) and not force:
         raise PromotionRefused(f"{folder}: the export failed its parity check "
-                               f"({'; '.join(manifest['parity'].get('failures', []))}); "
+                               f"({'; '.join(map(str, parity.get('failures') or []))}); "
                                "fix it, or pass --force")
-    if (new_metric is not None and cur_metric is not None and new_metric < cur_metric
-            and not force):
+    if cur_metric is not None and not force and (new_metric is None or new_metric < cur_metric):
         raise PromotionRefused(
-            f"champion gate: test {GATE_METRIC} {_fmt(new_metric)} of {folder} is worse than "
-            f"{_fmt(cur_metric)} of the current release {current} on {d}; pass --force to "
-            "promote it anyway")
-    release = _release_id(expected["manifest.json"], d.releases())
+            f"champion gate: test {GATE_METRIC} {_fmt(new_metric)} of {folder} is "
+            f"{'missing' if new_metric is None else 'worse'} against {_fmt(cur_metric)} of "
+            f"the current release {current} on {d}; pass --force to promote it anyway")
+    release = _release_id(expected["manifest.json"], d.entries())
     staging = f"{INCOMING}{release}"
     files = sorted(expected)
     try:
@@ -379,78 +488,125 @@ def _promote(d, folder: Path, manifest: dict, expected: dict, keep: int,
     except BaseException:
         d.remove(staging)
         raise
-    d.switch(release)
+    try:
+        d.switch(release)
+    except OSError as exc:
+        raise DeployError(f"could not switch {CURRENT} on {d} ({_os_reason(exc)}); it still "
+                          f"points to {current}; the copy is {RELEASES}/{release}") from None
     result.release = release
-    result.pruned = prune(d, keep)
+    try:
+        result.pruned = prune(d, keep)
+    except OSError as exc:
+        raise DeployError(f"{d}: {CURRENT} -> {RELEASES}/{release}, but removing old releases "
+                          f"failed ({_os_reason(exc)})") from None
     return result
 
 
 def rollback(dest: str, ssh_options=()) -> tuple[str, str]:
-    """Point `current` at the release before it; returns (from, to)."""
+    """Point `current` at the release that was current before it; returns (from, to)."""
     with destination(dest, ssh_options) as d:
-        return _rollback(d)
+        try:
+            return _rollback(d)
+        except OSError as exc:
+            raise DeployError(f"rollback on {d}: {_os_reason(exc)}") from None
 
 
 def _rollback(d) -> tuple[str, str]:
+    """The previous release by sequence among those not rolled back from: after A, B, a
+    rollback to A and then C, a rollback from C returns to A, not to the rejected B."""
     current = d.current()
     releases = d.releases()
     if current is None:
         raise UsageError(f"{d}: nothing promoted there yet (no {CURRENT} link)")
     if current not in releases:
-        raise DeployError(f"{d}: {CURRENT} points to {current}, which is not in {RELEASES}/")
+        raise DeployError(f"{d}: {CURRENT} points to {current}, which is not in {RELEASES}/; "
+                          "promote a release to repair it")
     older = [r for r in releases if _order(r) < _order(current)]
     if not older:
         raise UsageError(f"{d}: {current} is the oldest release kept; nothing to roll back to")
     d.switch(older[-1])
+    # After the switch: an interruption here leaves `current` right and `current` visible.
+    d.rename(current, f"{ROLLED_BACK}{current}")
     return current, older[-1]
 
 
 def prune(d, keep: int) -> list[str]:
-    """Remove all but the newest `keep` releases (never the current one)."""
+    """Remove all but the newest `keep` releases (never the current one), the releases rolled
+    back from, and what interrupted promotes left behind (untouched for an hour)."""
     current = d.current()
     releases = d.releases()
     doomed = [r for r in releases[:-keep] if r != current] if len(releases) > keep else []
+    doomed += [n for n in d.entries() if n.startswith(ROLLED_BACK)]
+    doomed += d.stale(INCOMING, STALE_INCOMING_S)
     for name in doomed:
         d.remove(name)
     return doomed
 
 
-def _export_folder(source: Path) -> Path:
+def _export_folder(source: Path) -> tuple[Path, dict]:
+    """The export folder (RUN/export or the folder itself) and its manifest."""
+    from .best import read_manifest_file
     from .export import EXPORT_DIR
 
     for folder in (source, source / EXPORT_DIR):
-        if (folder / "manifest.json").is_file() and "files" in json.loads(
-                (folder / "manifest.json").read_text()):
-            return folder
+        if (folder / "manifest.json").is_file():
+            manifest = read_manifest_file(folder / "manifest.json")
+            if "files" in manifest:
+                return folder, manifest
     raise UsageError(f"{source}: no export here; run `personclf-tune export {source}` first")
 
 
 def _verify_local(folder: Path, manifest: dict) -> dict[str, str]:
-    """The sha256 of every file to copy (manifest included), checked before anything moves."""
-    expected = dict(manifest["files"])
-    for rel, digest in expected.items():
+    """The sha256 of every file to copy (manifest included), checked before anything moves.
+
+    Each name must be a plain relative path inside the folder: a manifest is a file anyone
+    can edit, and `../x` would write outside the release (into `current`, say)."""
+    files = manifest["files"]
+    if not isinstance(files, dict):
+        raise UsageError(f"{folder}/manifest.json: 'files' is not a table of name: sha256; "
+                         "export again")
+    for rel, digest in files.items():
+        if not _plain_relative(rel) or not isinstance(digest, str):
+            raise UsageError(f"{folder}/manifest.json: {rel!r} is not a file name inside the "
+                             "export folder; export again")
         if not (folder / rel).is_file() or sha256_file(folder / rel) != digest:
             raise UsageError(f"{folder / rel}: missing or changed since the export; re-export")
+    expected = dict(files)
     expected["manifest.json"] = sha256_file(folder / "manifest.json")
     return expected
 
 
+def _plain_relative(rel) -> bool:
+    """A relative POSIX path that stays inside its folder and fits rsync's file list."""
+    if not isinstance(rel, str) or not rel or any(c in rel for c in "\\\n\r\0"):
+        return False
+    parts = rel.split("/")
+    return not PurePosixPath(rel).is_absolute() and all(p not in ("", ".", "..") for p in parts)
+
+
 def _metric(manifest: dict | None) -> float | None:
+    """The gate's metric, or None when missing or not a finite number."""
     try:
-        return float(manifest["metrics"]["test"][GATE_METRIC])
+        value = float(manifest["metrics"]["test"][GATE_METRIC])
     except (TypeError, KeyError, ValueError):
         return None
+    return value if math.isfinite(value) else None
+
+
+def _os_reason(exc: OSError) -> str:
+    return f"{exc.strerror or exc}" + (f" ({exc.filename})" if exc.filename else "")
 
 
 def _release_id(manifest_sha: str, taken: list[str]) -> str:
-    """`<seq>-<UTC time>-<manifest sha>`: the sequence number orders releases even if clocks don't."""
+    """`<seq>-<UTC time>-<manifest sha>`: the sequence number orders releases even if clocks
+    don't; `taken` includes hidden entries, so a number rolled back from is not reused."""
     seq = max((_order(name)[0] for name in taken), default=0) + 1
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     return f"{seq:04d}-{stamp}-{manifest_sha[:8]}"
 
 
 def _order(name: str) -> tuple[int, str]:
-    head = name.split("-", 1)[0]
+    head = name.removeprefix(ROLLED_BACK).removeprefix(INCOMING).split("-", 1)[0]
     return (int(head) if head.isdigit() else 0, name)
 
 

@@ -690,7 +690,7 @@ def export_run(run_dir: Path, formats=None, *, min_agreement: float = DEFAULT_MI
     top-1 agreement with Keras on the test split is below `min_agreement` (the files stay in
     place for inspection). Raises `UsageError` when the run cannot be exported at all.
     """
-    from .best import load_keras_model, load_manifest
+    from .best import input_size, load_keras_model, load_manifest
     from .data import read_split
 
     run_dir = Path(run_dir)
@@ -709,7 +709,7 @@ def export_run(run_dir: Path, formats=None, *, min_agreement: float = DEFAULT_MI
         raise UsageError(f"{run_dir}: no split.csv; export needs the run directory of a search")
     split_df = read_split(split_path, data_dir)
     classes = list(best["classes"])
-    size = int(best["input"]["shape"][1])
+    size = input_size(best, best_dir / MANIFEST)
 
     final = Path(out_dir) if out_dir else run_dir / EXPORT_DIR
     final.parent.mkdir(parents=True, exist_ok=True)

@@ -30,11 +30,16 @@ log = logging.getLogger(__name__)
 ORIGIN_AUGMENT = {"rotation_degrees": 40.0, "shift": 0.2, "zoom": 0.2, "shear": 0.2}
 
 
-def load_image(path: Path | str, size: int) -> np.ndarray:
-    """One image as uint8 (size, size, 3): the same decode and resize for training and predict."""
+def load_image(path: Path | str, size: int, scanned: bool = True) -> np.ndarray:
+    """One image as uint8 (size, size, 3): the same decode and resize for training and predict.
+
+    `scanned`: the image passed a dataset scan, so a failure means it changed since.
+    """
     try:
         img = open_rgb(read_bytes(Path(path)))
     except (OSError, ValueError) as exc:
+        if not scanned:
+            raise DatasetError(f"{path}: cannot be decoded ({exc})") from None
         raise DatasetError(f"{path}: cannot be decoded any more ({exc}); it changed after the "
                            "scan: restore it, or run `personclf-tune data` and a new run") from None
     if img.size != (size, size):
