@@ -150,6 +150,10 @@ def test_imagenet_weights_unavailable_offline(data, tmp_path, monkeypatch, capsy
     ("--augment-views", "0", "--augment-views 0: must be at least 1"),
     ("--cache-memory-mb", "-1", "--cache-memory-mb -1: must be 0 or more"),
     ("--max-failures", "0", "--max-failures 0: must be at least 1"),
+    ("--cache-memory-mb", "nan", "--cache-memory-mb nan: must be 0 or more"),
+    ("--max-epochs-stage2", "-1", "--max-epochs-stage2 -1: must be 0 or more"),
+    ("--seed", "-1", "--seed -1: must be between 0 and"),
+    ("--storage", "notaurl", "--storage notaurl: give a database URL"),
 ])
 def test_bad_search_flags(data, space, tmp_path, capsys, flag, value, message):
     run = tmp_path / "RUN"
@@ -157,6 +161,36 @@ def test_bad_search_flags(data, space, tmp_path, capsys, flag, value, message):
                      "--output", str(run)]) == 2
     assert message in error_line(capsys)
     assert not run.exists()
+
+
+def test_a_refused_start_leaves_no_settings_so_the_fixed_command_runs(data, space, tmp_path,
+                                                                       sample_dir, capsys):
+    """A dataset that cannot be split is refused before config.json exists: the corrected
+    command (here another no-face policy) is not then refused as "different settings"."""
+    (data / "Carol" / "no_face").mkdir(parents=True)
+    for f in sorted((sample_dir / "Tony_Blair").iterdir())[:1]:  # one face photo
+        shutil.copy2(f, data / "Carol" / f"face_{f.name}")
+    for f in sorted((data / "Colin_Powell").iterdir())[:3]:
+        (data / "Colin_Powell" / f.name).rename(data / "Carol" / "no_face" / f.name)
+    run = tmp_path / "RUN"
+    argv = ["--data", str(data), "--space", str(space), "--output", str(run), "--trials", "1"]
+    assert cli.main([*argv, "--no-face-policy", "skip"]) == 2
+    assert "class 'Carol' has 1 distinct usable image(s)" in error_line(capsys)
+    assert not (run / "config.json").exists() and not (run / "split.csv").exists()
+    from tuner.config import FitConfig, ScanConfig, SearchConfig
+    from tuner.search import prepare
+
+    config = SearchConfig(data_dir=data, run_dir=run, space=space,
+                          scan=ScanConfig(data, no_face_policy="member"), fit=FitConfig())
+    prepare(config)  # scans, splits and writes config.json: no "different settings"
+    assert (run / "config.json").is_file() and (run / "split.csv").is_file()
+
+
+def test_output_inside_the_dataset_is_refused(data, space, capsys):
+    assert cli.main(["--data", str(data), "--space", str(space),
+                     "--output", str(data / "results")]) == 2
+    assert "inside the dataset folder" in error_line(capsys)
+    assert not (data / "results").exists()
 
 
 def test_bad_choice_is_argparse_usage(capsys):

@@ -35,6 +35,7 @@ from tuner.config import ScanConfig, SplitConfig
 from tuner.data import (
     SPLIT_COLUMNS,
     class_weights,
+    format_scan_report,
     load_or_make_split,
     open_rgb,
     read_bytes,
@@ -902,3 +903,65 @@ def test_max_over_count_and_none_weights():
     # A class without samples gets 1.0 rather than a division by zero.
     assert class_weights(labels, ["a", "b", "c", "d"], "max_over_count")["d"] == 1.0
     assert class_weights(labels, ["a", "b", "c", "d"], "balanced")["d"] == 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# A person who vanishes, names that break labels.txt, outputs that would touch the dataset.
+
+
+def test_a_person_whose_photos_all_go_is_reported_not_silently_dropped(tmp_path):
+    root = make_dataset(tmp_path / "ds", classes=("alice", "Unknown"), per_class=4)
+    (root / "bob").mkdir()
+    for i in range(3):  # bob's photos are copies of strangers'
+        shutil.copy2(root / "Unknown" / f"img_{i}.jpg", root / "bob" / f"b{i}.jpg")
+    result = do_scan(root)
+    assert "bob" not in result.classes and "bob" in result.empty_classes
+    assert reason_of(result, "bob") == ("every photo was dropped as a duplicate (see those "
+                                        "lines): ignored")
+    (root / "dan" / "no_face").mkdir(parents=True)
+    for i in range(3):
+        photo(5000 + i).save(root / "dan" / "no_face" / f"back{i}.jpg")
+    result = do_scan(root, no_face_policy="unknown")
+    assert "dan" in result.empty_classes and "dan" not in result.classes
+    assert reason_of(result, "dan").startswith("only no-face photos, counted as Unknown")
+    assert (result.images["folder"] == "dan").sum() == 3  # they are Unknown's now
+
+
+def test_a_line_break_in_a_class_name_is_refused_by_name(tmp_path):
+    root = make_dataset(tmp_path / "ds", classes=("alice", "bob"), per_class=3)
+    odd = root / "mary\nann"
+    odd.mkdir()
+    for i in range(3):
+        photo(6000 + i).save(odd / f"m{i}.jpg")
+    result = do_scan(root)
+    assert result.classes == ["alice", "bob"]
+    assert reason_of(result, "mary\nann") == "name contains a line break: rename it"
+
+
+def test_data_outputs_never_go_into_the_dataset_and_fail_in_one_line(tmp_path, capsys):
+    root = make_dataset(tmp_path / "ds", per_class=3)
+    photo_path = root / "alice" / "img_0.jpg"
+    before = photo_path.read_bytes()
+    for argv, message in (
+            (["--json", str(photo_path)], "inside the dataset folder"),
+            (["--split", str(root / "split.csv")], "inside the dataset folder"),
+            (["--json", str(tmp_path)], "is a folder; give a file name"),
+            (["--seed", "-1", "--split", str(tmp_path / "s.csv")], "--seed -1: must be")):
+        assert main(["data", str(root), *argv]) == 2
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and message in err, err
+    assert photo_path.read_bytes() == before and not (root / "split.csv").exists()
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    assert main(["data", str(root), "--json", str(blocker / "x.json")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "cannot write it" in err, err
+
+
+def test_a_lower_case_unknown_folder_is_pointed_out(tmp_path):
+    root = make_dataset(tmp_path / "ds", classes=("alice", "bob", "unknown"), per_class=3)
+    report = format_scan_report(do_scan(root))
+    assert "note: no Unknown/ folder" in report
+    assert "note: unknown/ is trained as a person; rename it Unknown/ or pass --unknown-name " \
+           "unknown" in report
+    assert "is trained as a person" not in format_scan_report(do_scan(root, unknown_name="unknown"))

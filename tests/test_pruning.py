@@ -133,7 +133,7 @@ def test_optuna_pruner_stops_at_the_boundary_through_a_study():
 
 def test_search_uses_the_two_stage_pruner(tmp_path: Path):
     def config(**kw) -> SearchConfig:
-        return SearchConfig(data_dir=tmp_path, run_dir=tmp_path / "run",
+        return SearchConfig(data_dir=tmp_path / "data", run_dir=tmp_path / "run",
                             fit=FitConfig(max_epochs_stage1=3, max_epochs_stage2=2), **kw)
 
     (tmp_path / "run").mkdir()
@@ -152,7 +152,7 @@ def test_search_uses_the_two_stage_pruner(tmp_path: Path):
         trial.report(0.1, step)
     assert trial.should_prune()
     no_pruning = tmp_path / "other"
-    assert isinstance(open_study(SearchConfig(data_dir=tmp_path, run_dir=no_pruning,
+    assert isinstance(open_study(SearchConfig(data_dir=tmp_path / "data", run_dir=no_pruning,
                                               pruning=False)).pruner,
                       optuna.pruners.NopPruner)
 

@@ -588,7 +588,8 @@ def test_surplus_trial_steps_back(tmp_path, monkeypatch):
 
     space = tmp_path / "tiny.yaml"
     space.write_text(TINY_SPACE)
-    config = SearchConfig(data_dir=tmp_path, run_dir=tmp_path / "RUN", trials=1, space=space)
+    config = SearchConfig(data_dir=tmp_path / "data", run_dir=tmp_path / "RUN", trials=1,
+                          space=space)
     config.run_dir.mkdir()
     study = search.open_study(config)
     other = study.ask()  # the other worker's trial, on the last slot
@@ -618,7 +619,8 @@ def test_a_trial_failed_by_another_worker_is_dropped_not_fatal(tmp_path, monkeyp
 
     space = tmp_path / "tiny.yaml"
     space.write_text(TINY_SPACE)
-    config = SearchConfig(data_dir=tmp_path, run_dir=tmp_path / "RUN", trials=1, space=space)
+    config = SearchConfig(data_dir=tmp_path / "data", run_dir=tmp_path / "RUN", trials=1,
+                          space=space)
     config.run_dir.mkdir()
     calls = []
 

@@ -98,12 +98,9 @@ ORIGIN = {
 # NASNetLarge (331 px, batch 16) is not registered.
 ORIGIN_BACKBONES = {"MobileNetV2": (224, 9), "ResNet50": (224, 4), "VGG16": (224, 3),
                     "NASNetMobile": (224, 3), "InceptionResNetV2": (299, 8)}
-# len(spec.freeze_points(base)) per backbone; counting needs a built model, so the bundled files
-# are checked against this table and the slow test checks the table against the registry.
-FREEZE_POINTS = {"VGG16": 4, "ResNet50": 16, "ResNet50V2": 16, "InceptionV3": 10,
-                 "InceptionResNetV2": 42, "Xception": 13, "MobileNet": 13, "MobileNetV2": 18,
-                 "MobileNetV3Small": 12, "MobileNetV3Large": 16, "EfficientNetB0": 8,
-                 "NASNetMobile": 15, "DenseNet121": 4}
+# len(spec.freeze_points(base)) per backbone, the table a space is checked against when it
+# loads; the slow test checks it against built models.
+FREEZE_POINTS = backbones.FREEZE_POINT_COUNTS
 
 
 def test_default_space_contains_the_origin():
@@ -343,6 +340,19 @@ BAD = {
                   ["not a multiple of step"]),
     "no_backbones": ("hyperparameters:\n  dropout: 0.1\n", 1, ["backbones", "missing"]),
     "empty_file": ("# nothing\n", 1, ["empty"]),
+    # tags the safe loader does not know or cannot apply: still one line, never a traceback
+    "unknown_tag": (GOOD_HEAD + "hyperparameters:\n  dropout: !foo 0.2\n", 4,
+                    ["cannot read '0.2' tagged !foo; remove the tag"]),
+    "bad_int_tag": (GOOD_HEAD + "hyperparameters:\n  batch_size: !!int x\n", 4,
+                    ["cannot read 'x' tagged tag:yaml.org,2002:int"]),
+    "bad_bool_tag": (GOOD_HEAD + "hyperparameters:\n  dropout: !!bool maybe\n", 4,
+                     ["cannot read 'maybe'"]),
+    "tagged_key": (GOOD_HEAD + "hyperparameters:\n  !foo dropout: 0.2\n", 4,
+                   ["cannot read 'dropout' tagged !foo"]),
+    "freeze_past_last": ("backbones:\n  MobileNetV2: {input_size: [96], freeze_block: [0, 99]}\n",
+                         2, ["max 99 is past MobileNetV2's last freeze point (18)"]),
+    "sampling_list": (GOOD_HEAD + "hyperparameters:\n  l2: {float: [1.0e-5, 1.0e-3], "
+                      "sampling: [log]}\n", 4, ["expected linear or log, got a list"]),
 }
 
 

@@ -103,8 +103,9 @@ def test_worker_argv_drops_workers_and_pins_the_run_dir():
 def test_worker_seed_offsets_differ(monkeypatch, tmp_path):
     from tuner.config import SearchConfig
 
-    local = SearchConfig(data_dir=tmp_path, run_dir=tmp_path / "r")
-    shared = SearchConfig(data_dir=tmp_path, run_dir=tmp_path / "r", storage="postgresql://h/db")
+    local = SearchConfig(data_dir=tmp_path / "data", run_dir=tmp_path / "r")
+    shared = SearchConfig(data_dir=tmp_path / "data", run_dir=tmp_path / "r",
+                          storage="postgresql://h/db")
     monkeypatch.delenv("PERSONCLF_WORKER", raising=False)
     assert search.worker_seed_offset(local) == 0  # one process, plain reproducible seed
     offsets = set()
@@ -117,7 +118,8 @@ def test_worker_seed_offsets_differ(monkeypatch, tmp_path):
 def test_workers_need_optuna(tmp_path, capsys):
     space = tmp_path / "tiny.yaml"
     space.write_text(TINY_SPACE_NO_TF)
-    code = cli.main(["--data", str(tmp_path), "--space", str(space), "--output",
+    (tmp_path / "data").mkdir()
+    code = cli.main(["--data", str(tmp_path / "data"), "--space", str(space), "--output",
                      str(tmp_path / "run"), "--workers", "2", "--engine", "random"])
     assert code == 2
     assert "--workers 2 needs --engine optuna" in capsys.readouterr().err
@@ -226,7 +228,7 @@ from tuner.search import open_study
 from tuner.space import load_space
 
 url, barrier, space = sys.argv[1], sys.argv[2], sys.argv[3]
-config = SearchConfig(data_dir=".", run_dir=".", storage=url, study_name="race", space=space)
+config = SearchConfig(data_dir="data", run_dir=".", storage=url, study_name="race", space=space)
 space = load_space(space)
 open(f"{barrier}.{os.getpid()}", "w").close()  # imported: ready
 while not os.path.exists(barrier):  # all go at once

@@ -142,6 +142,13 @@ _SPECS = (
 )
 
 REGISTRY: dict[str, BackboneSpec] = {spec.name: spec for spec in _SPECS}
+# len(spec.freeze_points(base)) per backbone. Counting needs a built model, so a search space
+# checks its freeze_block ranges against this table when it loads; a slow test checks the
+# table against built models.
+FREEZE_POINT_COUNTS = {"VGG16": 4, "ResNet50": 16, "ResNet50V2": 16, "InceptionV3": 10,
+                       "InceptionResNetV2": 42, "Xception": 13, "MobileNet": 13, "MobileNetV2": 18,
+                       "MobileNetV3Small": 12, "MobileNetV3Large": 16, "EfficientNetB0": 8,
+                       "NASNetMobile": 15, "DenseNet121": 4}
 _BY_LOWER = {name.lower(): spec for name, spec in REGISTRY.items()}
 
 

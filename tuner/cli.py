@@ -313,20 +313,42 @@ def cmd_data(args: argparse.Namespace) -> int:
                         no_face_policy=args.no_face_policy,
                         near_duplicate_distance=args.near_duplicate_distance)
     split_config = SplitConfig(args.val_fraction, args.test_fraction, args.seed)
+    for flag, out in (("--json", args.json), ("--split", args.split)):
+        _check_output(flag, out, config.data_dir)
     result = scan(config)
     print(format_scan_report(result))
     if args.json:
-        write_json(result.summary(), args.json)
+        _write_output("--json", args.json, lambda: write_json(result.summary(), args.json))
         print(f"\nwrote {args.json}")
     result.validate()
     if args.split:
         from tabulate import tabulate
 
         df = split(result.images, split_config)
-        write_split(df, args.split)
+        _write_output("--split", args.split, lambda: write_split(df, args.split))
         print(f"\nSplit (seed {args.seed}) written to {args.split}:")
         print(tabulate(split_table(df), headers="keys", tablefmt="github"))
     return 0
+
+
+def _check_output(flag: str, path: Path | None, data_dir: Path) -> None:
+    """A report file goes beside the dataset, never into it: no input file is ever touched
+    (and the next scan would find the report)."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{flag} {path}: is a folder; give a file name")
+    if Path(os.path.realpath(path)).is_relative_to(os.path.realpath(data_dir)):
+        raise UsageError(f"{flag} {path}: inside the dataset folder {data_dir}; write it "
+                         "elsewhere (this tool never changes the dataset)")
+
+
+def _write_output(flag: str, path: Path, write) -> None:
+    try:
+        write()
+    except OSError as exc:
+        raise UsageError(f"{flag} {path}: cannot write it ({exc.strerror or exc})") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,8 @@ them directly.
 """
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -13,6 +15,12 @@ from .errors import UsageError
 
 NO_FACE_POLICIES = ("member", "unknown", "skip")
 CLASS_WEIGHT_METHODS = ("balanced", "max_over_count", "none")
+
+
+def _check_seed(seed: int) -> None:
+    """Seeds feed numpy's generators, which take only non-negative integers."""
+    if not 0 <= seed < 2**31:
+        raise UsageError(f"--seed {seed}: must be between 0 and {2**31 - 1}")
 
 
 @dataclass(frozen=True)
@@ -50,6 +58,7 @@ class SplitConfig:
             value = getattr(self, name)
             if not 0.0 < value < 1.0:
                 raise UsageError(f"--{name.replace('_', '-')} {value}: must be between 0 and 1")
+        _check_seed(self.seed)
         if self.val_fraction + self.test_fraction >= 0.9:
             raise UsageError(
                 f"--val-fraction {self.val_fraction} + --test-fraction {self.test_fraction} leave "
@@ -123,8 +132,13 @@ class FitConfig:
             raise UsageError(
                 f"--class-weight {self.class_weight!r}: choose one of {', '.join(CLASS_WEIGHT_METHODS)}"
             )
-        if self.max_epochs_stage1 < 1 or self.max_epochs_stage2 < 0 or self.patience < 1:
-            raise UsageError("--max-epochs must be >= 1 and --patience >= 1")
+        if self.max_epochs_stage1 < 1:
+            raise UsageError(f"--max-epochs {self.max_epochs_stage1}: must be at least 1")
+        if self.max_epochs_stage2 < 0:
+            raise UsageError(f"--max-epochs-stage2 {self.max_epochs_stage2}: must be 0 or more")
+        if self.patience < 1:
+            raise UsageError(f"--patience {self.patience}: must be at least 1")
+        _check_seed(self.seed)
         if self.warmup_epochs_stage2 < 0:
             raise UsageError(f"--stage2-warmup-epochs {self.warmup_epochs_stage2}: must be >= 0")
         if self.augment_views < 1:
@@ -181,6 +195,10 @@ class SearchConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
         object.__setattr__(self, "run_dir", Path(self.run_dir))
+        if Path(os.path.realpath(self.run_dir)).is_relative_to(os.path.realpath(self.data_dir)):
+            raise UsageError(f"--output {self.run_dir}: inside the dataset folder "
+                             f"{self.data_dir}, where the next scan would read it as a person; "
+                             "write it elsewhere")
         object.__setattr__(self, "space", Path(self.space))
         object.__setattr__(self, "backbones", tuple(self.backbones))
         if self.scan is None:
@@ -193,10 +211,13 @@ class SearchConfig:
             raise UsageError(f"--workers {self.workers}: must be at least 1")
         if self.max_failures < 1:
             raise UsageError(f"--max-failures {self.max_failures}: must be at least 1")
-        if self.cache_memory_mb < 0:
+        if not self.cache_memory_mb >= 0:  # NaN too
             raise UsageError(f"--cache-memory-mb {self.cache_memory_mb:g}: must be 0 or more")
         if self.storage and self.engine != "optuna":
             raise UsageError("--storage only applies to --engine optuna")
+        if self.storage and not re.match(r"^(journal:.+|[A-Za-z][\w+.-]*://.*)$", self.storage):
+            raise UsageError(f"--storage {self.storage}: give a database URL such as "
+                             "postgresql://user:password@host/db, or journal:PATH")
 
     def identity(self) -> dict:
         """The settings a resumed run must share with the original (not the trial count).

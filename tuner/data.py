@@ -254,6 +254,7 @@ def scan(config: ScanConfig) -> ScanResult:
     empty: list[str] = []
     excluded = 0
     class_reals: dict[str, str] = {}
+    folders: dict[str, Path] = {}  # person folders with usable images, before duplicates
 
     def skip(path: Path, reason: str) -> None:
         skipped.append({"path": _rel(path, root), "reason": reason})
@@ -292,6 +293,8 @@ def scan(config: ScanConfig) -> ScanResult:
         if found == 0:
             empty.append(label)
             skip(entry, "class folder has no usable images: ignored")
+        elif label != config.unknown_name:
+            folders[label] = entry
 
     images = pd.DataFrame(
         rows,
@@ -300,6 +303,18 @@ def scan(config: ScanConfig) -> ScanResult:
     )
     result = ScanResult(config, images, skipped, empty_classes=empty, excluded_no_face=excluded)
     _find_duplicates(result)
+    # A person can still vanish: every photo a duplicate of another folder's, or (with
+    # --no-face-policy unknown) every photo a no-face view. Say so, as for an empty folder.
+    left = set(result.images["label"])
+    for label, entry in folders.items():
+        if label in left:
+            continue
+        result.empty_classes.append(label)
+        if (result.images["folder"] == label).any():
+            skip(entry, "only no-face photos, counted as Unknown (--no-face-policy unknown): "
+                        "not a class")
+        else:
+            skip(entry, "every photo was dropped as a duplicate (see those lines): ignored")
     return result
 
 
@@ -315,6 +330,8 @@ def _name_problem(path: Path) -> str | None:
         name.encode("utf-8")
     except UnicodeEncodeError:
         return "file name is not valid UTF-8: rename it"
+    if "\n" in name or "\r" in name:  # labels.txt has one class per line
+        return "name contains a line break: rename it"
     return None
 
 
@@ -669,6 +686,10 @@ def format_scan_report(result: ScanResult, max_rows: int = 200) -> str:
     if result.config.unknown_name not in counts:
         lines.append(f"note: no {result.config.unknown_name}/ folder: the model will not learn to "
                      "say 'unknown' except through its threshold")
+        near = [c for c in counts if c.lower() == result.config.unknown_name.lower()]
+        if near:
+            lines.append(f"note: {near[0]}/ is trained as a person; rename it "
+                         f"{result.config.unknown_name}/ or pass --unknown-name {near[0]}")
     if result.skipped:
         lines += ["", f"Skipped files ({len(result.skipped)}):",
                   tabulate([[s["path"], s["reason"]] for s in result.skipped[:max_rows]],

@@ -72,11 +72,13 @@ def prepare(config: SearchConfig) -> Run:
 
     root = config.run_dir
     root.mkdir(parents=True, exist_ok=True)
-    # Validate the space before config.json is written: a refused start must leave no config
-    # behind, or the corrected command would be refused as "different settings".
+    # Validate the space and the dataset before config.json is written: a refused start must
+    # leave no config behind, or the corrected command would be refused as "different settings".
     space = load_space(config.space, list(config.backbones) or None)
-    _check_config(config, root / "config.json")
     scanned = scan(config.scan)
+    if not (root / "split.csv").exists():
+        scanned.validate()  # likewise a dataset that cannot be split
+    _check_config(config, root / "config.json")
     split_df = load_or_make_split(scanned, config.split, root / "split.csv")
     classes = sorted(split_df["label"].unique().tolist())
     cache = ImageCache(config.data_dir, root / "cache", enabled=config.fast)

@@ -358,8 +358,9 @@ class _Reader:
         if "sampling" in entry:
             snode = entry["sampling"][1]
             sampling = self.scalar(snode)
-            if sampling not in ("linear", "log"):
-                raise self.error(snode, f"{path}.sampling", f"expected linear or log, got {sampling!r}")
+            if not isinstance(sampling, str) or sampling not in ("linear", "log"):
+                raise self.error(snode, f"{path}.sampling",
+                                 f"expected linear or log, got {_describe(snode)}")
             if sampling == "log" and low <= 0:
                 raise self.error(
                     snode, f"{path}.sampling", f"log sampling needs min > 0, got {low}; raise min"
@@ -452,7 +453,12 @@ class _Reader:
     def scalar(self, node):
         if not isinstance(node, yaml.ScalarNode):
             return node
-        return self._constructor.construct_object(node, deep=True)
+        try:
+            return self._constructor.construct_object(node, deep=True)
+        except (yaml.YAMLError, ValueError, TypeError, KeyError, AttributeError):
+            # A tag the safe loader does not know (`!foo`) or cannot apply (`!!int x`).
+            raise self.error(node, "", f"cannot read {node.value!r} tagged {node.tag}; remove "
+                             "the tag") from None
 
     def boolean(self, node, path):
         value = self.scalar(node)
@@ -512,15 +518,10 @@ def _is_multiple(span: float, step: float) -> bool:
 
 
 def _freeze_point_count(spec) -> int | None:
-    """The backbone's number of freeze points, if the registry states it without building a model."""
-    for attr in ("num_freeze_points", "n_freeze_points", "freeze_block_count", "num_blocks"):
-        count = getattr(spec, attr, None)
-        if isinstance(count, int) and not isinstance(count, bool):
-            return count
-    points = getattr(spec, "freeze_points", None)
-    if isinstance(points, (tuple, list)):
-        return len(points)
-    return None
+    """The backbone's number of freeze points (`backbones.FREEZE_POINT_COUNTS`)."""
+    from .backbones import FREEZE_POINT_COUNTS
+
+    return FREEZE_POINT_COUNTS.get(spec.name)
 
 
 # --------------------------------------------------------------------------------------------
