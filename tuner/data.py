@@ -545,7 +545,9 @@ def split(images: pd.DataFrame, config: SplitConfig) -> pd.DataFrame:
     scikit-learn has no splitter that is stratified and group-aware at arbitrary fractions
     (StratifiedGroupKFold only gives 1/k folds), so groups are dealt greedily: largest groups
     first (ties in seeded random order), each to the split whose per-class target it helps
-    most. Every class with at least three groups gets at least one group in each split.
+    most. Every class with at least three groups gets at least one group in each split
+    (`_give_every_split` repairs the few deals where a group shared by two classes prevents
+    that).
     """
     if "group" not in images:
         raise UsageError("split() needs the 'group' column that scan() adds")
@@ -583,9 +585,35 @@ def split(images: pd.DataFrame, config: SplitConfig) -> pd.DataFrame:
         assignment[gid] = best
         for lab, w in share.items():
             have[best][lab] += w
+    _give_every_split(assignment, members, per_label_groups)
     out = images.copy()
     out["split"] = out["group"].map(assignment)
     return out
+
+
+def _give_every_split(assignment: dict[int, str], members: dict[int, list[str]],
+                      per_label_groups: pd.Series) -> None:
+    """Repair the greedy deal where a group shared by two classes left a class (of three or
+    more groups) out of a split: move one of its groups there from the split where it has the
+    most, the smallest group of that class alone first, and never one whose move would empty
+    that split for another class of three or more groups."""
+    def groups_of(label: str, where: str) -> list[int]:
+        return [g for g, labs in members.items() if label in labs and assignment[g] == where]
+
+    for label in sorted(per_label_groups.index):
+        if per_label_groups[label] < 3:
+            continue
+        for missing in SPLITS:
+            if groups_of(label, missing):
+                continue
+            donor = max(SPLITS, key=lambda s: (len(groups_of(label, s)), s == "train"))
+            movable = [g for g in groups_of(label, donor)
+                       if all(per_label_groups[lab] < 3 or len(groups_of(lab, donor)) > 1
+                              for lab in set(members[g]))]
+            if movable:
+                gid = min(movable, key=lambda g: (set(members[g]) != {label},
+                                                  len(members[g]), g))
+                assignment[gid] = missing
 
 
 def class_weights(labels, classes: list[str], method: str = "balanced") -> dict[str, float]:
