@@ -351,6 +351,10 @@ BAD = {
                    ["cannot read 'dropout' tagged !foo"]),
     "freeze_past_last": ("backbones:\n  MobileNetV2: {input_size: [96], freeze_block: [0, 99]}\n",
                          2, ["max 99 is past MobileNetV2's last freeze point (18)"]),
+    "duplicate_sizes": ("backbones:\n  MobileNetV2: {input_size: [96, 96], freeze_block: [0, 4]}\n",
+                        2, ["MobileNetV2.input_size", "has duplicate values"]),
+    "duplicate_alphas": ("backbones:\n  MobileNetV2: {input_size: [96], alpha: [1.0, 1]}\n", 2,
+                         ["MobileNetV2.alpha", "has duplicate values"]),
     "sampling_list": (GOOD_HEAD + "hyperparameters:\n  l2: {float: [1.0e-5, 1.0e-3], "
                       "sampling: [log]}\n", 4, ["expected linear or log, got a list"]),
 }

@@ -333,8 +333,6 @@ class _Reader:
             values = self.list_of(domain, kpath, kind_type)
             for value, item in zip(values, self.items(domain)):
                 self.check_bounds(name, value, item, kpath)
-            if len(set(values)) != len(values):
-                raise self.error(domain, kpath, "has duplicate values; list each once")
             default = self.default(entry, path, lambda n, p: self.number(n, p, kind_type), values)
             return ParamSpec(name, "choice", values=values, default=default, line=line)
         return self.read_range(name, kind, kind_type, entry, path, line)
@@ -448,7 +446,10 @@ class _Reader:
         items = self.items(node, path)
         if not items:
             raise self.error(node, path, "empty list; give at least one value")
-        return tuple(self.number(item, path, kind) for item in items)
+        values = tuple(self.number(item, path, kind) for item in items)
+        if len(set(values)) != len(values):
+            raise self.error(node, path, "has duplicate values; list each once")
+        return values
 
     def scalar(self, node):
         if not isinstance(node, yaml.ScalarNode):
