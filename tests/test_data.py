@@ -983,3 +983,11 @@ def test_a_group_shared_by_two_classes_does_not_cost_a_class_its_test_split():
             assert set(sub["split"]) == {"train", "val", "test"}, (seed, label)
         # groups still never straddle two splits
         assert (out.groupby("group")["split"].nunique() == 1).all()
+
+
+def test_too_few_distinct_images_says_when_near_duplicates_were_merged(tmp_path):
+    root = make_dataset(tmp_path / "ds", classes=("alice", "bob"), per_class=4)
+    with pytest.raises(DatasetError, match=r"class 'alice' has 1 distinct usable image\(s\) "
+                                           r"\(4 photos, near-duplicates within "
+                                           r"--near-duplicate-distance 64 counted once\)"):
+        do_scan(root, near_duplicate_distance=64).validate()

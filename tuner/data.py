@@ -120,12 +120,16 @@ class ScanResult:
                 f"{self.config.unknown_name}/ folder of other people"
             )
         groups = self.images.groupby("label")["group"].nunique()
+        photos = self.images.groupby("label").size()
         for label, n in groups.items():
             if n < MIN_IMAGES_PER_CLASS:
+                near = (f" ({photos[label]} photos, near-duplicates within "
+                        f"--near-duplicate-distance {self.config.near_duplicate_distance} "
+                        "counted once)" if photos[label] > n else "")
                 raise DatasetError(
-                    f"class {label!r} has {n} distinct usable image(s); each class needs at least "
-                    f"{MIN_IMAGES_PER_CLASS} to split into train/val/test: add photos to "
-                    f"{where / str(label)} or remove that folder"
+                    f"class {label!r} has {n} distinct usable image(s){near}; each class needs "
+                    f"at least {MIN_IMAGES_PER_CLASS} to split into train/val/test: add photos "
+                    f"to {where / str(label)} or remove that folder"
                 )
 
 
