@@ -185,7 +185,18 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-class LocalDestination:
+class _Destination:
+    """What both kinds of DEST share, built on their own `entries()`."""
+
+    def entries(self) -> list[str]:
+        raise NotImplementedError
+
+    def releases(self) -> list[str]:
+        """The releases (hidden entries left out), oldest first."""
+        return sorted((n for n in self.entries() if not n.startswith(".")), key=_order)
+
+
+class LocalDestination(_Destination):
     """DEST is a folder on this machine (a mounted device, or the device itself)."""
 
     def __init__(self, root: Path):
@@ -217,9 +228,6 @@ class LocalDestination:
         """Every folder in releases/, the hidden ones (.incoming-, .rolled-back-) included."""
         folder = self.root / RELEASES
         return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
-
-    def releases(self) -> list[str]:
-        return sorted((n for n in self.entries() if not n.startswith(".")), key=_order)
 
     def stale(self, prefix: str, seconds: float) -> list[str]:
         """Hidden entries starting with `prefix` untouched for longer than `seconds`."""
@@ -263,7 +271,7 @@ class LocalDestination:
         shutil.rmtree(self.root / RELEASES / name, ignore_errors=True)
 
 
-class SSHDestination:
+class SSHDestination(_Destination):
     """DEST is `[user@]host:/path`, reached with ssh (commands) and rsync (files)."""
 
     def __init__(self, host: str, root: str, ssh_options=()):
@@ -326,9 +334,6 @@ class SSHDestination:
         out = self.run("sh", "-c", 'test -d "$1" && ls -1A -- "$1" || true', "sh",
                        self._path(RELEASES))
         return sorted(n for n in out.splitlines() if n)
-
-    def releases(self) -> list[str]:
-        return sorted((n for n in self.entries() if not n.startswith(".")), key=_order)
 
     def stale(self, prefix: str, seconds: float) -> list[str]:
         out = self.run("sh", "-c", 'cd -- "$1" 2>/dev/null || exit 0; now=$(date +%s); '
@@ -525,7 +530,8 @@ def _rollback(d) -> tuple[str, str]:
     if not older:
         raise UsageError(f"{d}: {current} is the oldest release kept; nothing to roll back to")
     d.switch(older[-1])
-    # After the switch: an interruption here leaves `current` right and `current` visible.
+    # Renamed after the switch, so `current` never points at a hidden name; an interruption
+    # between the two leaves the rejected release visible (a later rollback could pick it).
     d.rename(current, f"{ROLLED_BACK}{current}")
     return current, older[-1]
 
