@@ -61,6 +61,12 @@ def mobilenet_025_weights(weights_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def mobilenet_v2_weights(weights_dir: Path) -> Path:
+    """Genuine ImageNet MobileNetV2 alpha 1.0, no top: the benchmark's and parity test's backbone."""
+    return _need(weights_dir / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5")
+
+
+@pytest.fixture(scope="session")
 def keras_home(weights_dir: Path, tmp_path_factory) -> Path:
     """A writable KERAS_HOME in which `weights="imagenet"` finds the shared files offline."""
     home = tmp_path_factory.mktemp("keras_home")

@@ -4,6 +4,7 @@
 `best.retrain_best`) from the bundled sample with the shared MobileNet 0.25 weights at 96 px,
 training the head for a few epochs: a genuine model in well under a minute on two cores.
 `exported_run` exports it once to every format. Tests must treat both as read-only (copy first).
+`trained_run` takes another dataset, weights and hyperparameters under another `key`.
 """
 from __future__ import annotations
 
@@ -19,10 +20,11 @@ PARAMS = dict(backbone="MobileNet", alpha=0.25, input_size=96, dense_units=0, dr
 EPOCHS = 15
 
 
-def trained_run(root: Path, sample_dir: Path, weights: Path) -> Path:
+def trained_run(root: Path, sample_dir: Path, weights: Path, params: dict | None = None,
+                epochs: int = EPOCHS, key: str = "run", seed: int = 42) -> Path:
     """RUN with split.csv, config.json and best/{model.keras, manifest.json, labels.txt}."""
-    if "run" in _CACHE:
-        return _CACHE["run"]
+    if key in _CACHE:
+        return _CACHE[key]
     import keras
 
     from tuner.best import retrain_best
@@ -32,21 +34,21 @@ def trained_run(root: Path, sample_dir: Path, weights: Path) -> Path:
     from tuner.search import Run
     from tuner.trial import TrialData
 
-    run_dir = Path(root) / "run"
+    run_dir = Path(root) / key
     config = SearchConfig(
         data_dir=sample_dir, run_dir=run_dir, trials=1, scan=ScanConfig(sample_dir),
-        split=SplitConfig(seed=42),
-        fit=FitConfig(max_epochs_stage1=EPOCHS, max_epochs_stage2=0, patience=EPOCHS,
-                      weights=str(weights), seed=42))
+        split=SplitConfig(seed=seed),
+        fit=FitConfig(max_epochs_stage1=epochs, max_epochs_stage2=0, patience=epochs,
+                      weights=str(weights), seed=seed))
     run_dir.mkdir(parents=True)
     write_json({**config.identity(), "version": 1}, run_dir / "config.json")
     frame = split(scan(config.scan).images, config.split)
     write_split(frame, run_dir / "split.csv")
     classes = sorted(frame["label"].unique().tolist())
     data = TrialData(frame, classes, ImageCache(sample_dir), "balanced")
-    keras.utils.set_random_seed(42)
-    retrain_best(Run(config, None, data), {**PARAMS, "number": 0, "value": 0.0})
-    _CACHE["run"] = run_dir
+    keras.utils.set_random_seed(seed)
+    retrain_best(Run(config, None, data), {**(params or PARAMS), "number": 0, "value": 0.0})
+    _CACHE[key] = run_dir
     return run_dir
 
 

@@ -341,8 +341,8 @@ def test_stage2_warmup_raises_the_learning_rate_linearly_then_holds_it():
 
 
 @pytest.mark.slow
-def test_stage2_warmup_keeps_a_high_learning_rate_from_wrecking_the_backbone(datasets,
-                                                                             weights_dir):
+def test_stage2_warmup_keeps_a_high_learning_rate_from_wrecking_the_backbone(
+        datasets, mobilenet_v2_weights):
     """lfw_12people, MobileNetV2@96 with the shared ImageNet weights, a stage-2 learning rate
     near the top of the default space (2.5e-4; the configuration of a real search's trial).
 
@@ -360,7 +360,7 @@ def test_stage2_warmup_keeps_a_high_learning_rate_from_wrecking_the_backbone(dat
     params = TrialParams(backbone="MobileNetV2", alpha=1.0, input_size=96, dense_units=0,
                          dropout=0.3, l2=2e-5, label_smoothing=0.1, lr_stage1=3.5e-4,
                          lr_stage2=2.5e-4, freeze_block=14, augment=0.0, batch_size=32)
-    weights = weights_dir / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
+    weights = mobilenet_v2_weights
     stage1, stage2 = {}, {}
     for warmup in (0, 1):
         cfg = FitConfig(max_epochs_stage1=10, max_epochs_stage2=3, patience=10, seed=42,
