@@ -317,6 +317,8 @@ BAD = {
     "alpha_none": ("backbones:\n  ResNet50:\n    alpha: [1.0]\n", 3, ["no width multiplier"]),
     "min_max": (GOOD_HEAD + "hyperparameters:\n  dropout:\n    float: [0.5, 0.1]\n", 5,
                 ["hyperparameters.dropout.float", "min 0.5 > max 0.1"]),
+    "freeze_three": ("backbones:\n  MobileNetV2:\n    freeze_block: [4, 8, 12]\n", 3,
+                     ["inclusive range, e.g. [0, 8]) or one index", "got 3"]),
     "freeze_min_max": ("backbones:\n  MobileNetV2:\n    freeze_block: [8, 2]\n", 3, ["min 8 > max 2"]),
     "log_min": (GOOD_HEAD + "hyperparameters:\n  l2: {float: [0.0, 1.0e-2],\n       sampling: log}\n", 5,
                 ["log sampling needs min > 0"]),
@@ -390,3 +392,13 @@ def test_plain_scientific_notation_and_fixed_values(tmp_path):
     # Single values and omitted hyperparameters are Fixed at their value / the TrialParams default.
     assert p.label_smoothing == 0.1 and p.dense_units == 64 and p.batch_size == TrialParams().batch_size
     assert {h.name: type(h).__name__ for h in hp.space}["batch_size"] == "Fixed"
+
+
+@pytest.mark.parametrize("text", ["12", "[12]", "[12, 12]"])
+def test_one_freeze_block_fixes_it(tmp_path, text):
+    path = tmp_path / "s.yaml"
+    path.write_text(f"backbones:\n  MobileNetV2: {{input_size: [96], freeze_block: {text}}}\n")
+    space = load_space(path)
+    assert space.backbones["MobileNetV2"].freeze_block == (12, 12)
+    p = define(kt.HyperParameters(), space)
+    assert p.freeze_block == 12

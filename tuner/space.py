@@ -265,9 +265,11 @@ class _Reader:
             low = high = self.number(node, path, int)
         else:
             items = self.items(node, path)
-            if len(items) != 2:
-                raise self.error(node, path, "expected [min, max] block indices, e.g. [0, 8]")
-            low, high = (self.number(n, f"{path}[{i}]", int) for i, n in enumerate(items))
+            if len(items) not in (1, 2):  # [12] fixes it, like input_size: [96]
+                raise self.error(node, path, f"expected [min, max] block indices (an inclusive "
+                                 f"range, e.g. [0, 8]) or one index (e.g. 12), got {len(items)}")
+            bounds = [self.number(n, f"{path}[{i}]", int) for i, n in enumerate(items)]
+            low, high = bounds[0], bounds[-1]
         if low < 0:
             raise self.error(node, path, f"min {low} is negative; 0 means the whole backbone trains")
         if low > high:
