@@ -204,6 +204,7 @@ def test_parity_on_the_test_split(exported, capsys):
     assert manifest["parity"]["passed"] == result.ok
 
 
+@pytest.mark.slow
 def test_int8_parity_meets_the_default_threshold_on_real_faces(tmp_path_factory, datasets,
                                                                 mobilenet_v2_weights):
     root = tmp_path_factory.getbasetemp() / "personclf_export"
