@@ -282,6 +282,10 @@ def test_min_agreement_above_one_fails_and_keeps_the_files(run_dir, tmp_path, ca
     assert "FAILED int8: top-1 agreement" in out and "1.01" in out and "95% interval" in out
     folder = run / "export"
     manifest = json.loads((folder / "manifest.json").read_text())
+    keras_accuracy = json.loads((run / "best" / "manifest.json").read_text())["metrics"]["test"]
+    int8_accuracy = manifest["formats"]["int8"]["metrics"]["accuracy"]
+    assert (f"accuracy {int8_accuracy:.4f} against Keras's "
+            f"{keras_accuracy['accuracy']:.4f}; files kept") in out
     assert (folder / "model_int8.tflite").is_file()
     assert manifest["parity"]["passed"] is False and manifest["parity"]["min_agreement"] == 1.01
     assert list(manifest["formats"]) == ["int8"]

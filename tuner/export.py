@@ -788,6 +788,8 @@ def _parity(job: _Job, entries: dict[str, dict], best: dict, min_agreement: floa
     ref_top1 = reference.argmax(axis=1)
     threshold = float(best.get("threshold", 0.0))
     unknown = best.get("unknown_label", "Unknown")
+    ref_accuracy = float(evaluate_predictions(y, reference, job.classes, threshold=threshold,
+                                              unknown=unknown)["accuracy"])
     for name, entry in entries.items():
         fmt = FORMATS[name]
         if entry.get("status") != "ok" or not entry.get("file") or not fmt.runs_on_cpu:
@@ -825,9 +827,12 @@ def _parity(job: _Job, entries: dict[str, dict], best: dict, min_agreement: floa
              "keras_margin": float(margin)}
             for i, margin in zip(differ[:20], margins[:20])]
         if agreement < min_agreement:
+            # The accuracies side by side: what a user weighs before passing --min-agreement.
             failures.append(f"{name}: top-1 agreement with Keras {agreement:.4f} is below "
                             f"--min-agreement {min_agreement:g} (95% interval {interval[0]:.3f}"
-                            f"-{interval[1]:.3f} on {len(same)} photos; files kept for inspection)")
+                            f"-{interval[1]:.3f} on {len(same)} photos; accuracy "
+                            f"{entry['metrics']['accuracy']:.4f} against Keras's "
+                            f"{ref_accuracy:.4f}; files kept for inspection)")
     parity["passed"] = not failures
     return parity, failures
 
