@@ -20,9 +20,10 @@ PARAMS = dict(backbone="MobileNet", alpha=0.25, input_size=96, dense_units=0, dr
 EPOCHS = 15
 
 
-def trained_run(root: Path, sample_dir: Path, weights: Path, params: dict | None = None,
+def trained_run(root: Path, data_dir: Path, weights: Path, params: dict | None = None,
                 epochs: int = EPOCHS, key: str = "run", seed: int = 42) -> Path:
-    """RUN with split.csv, config.json and best/{model.keras, manifest.json, labels.txt}."""
+    """RUN with split.csv, config.json and best/{model.keras, manifest.json, labels.txt}, trained
+    on `data_dir` (the bundled sample unless a test passes another dataset)."""
     if key in _CACHE:
         return _CACHE[key]
     import keras
@@ -36,7 +37,7 @@ def trained_run(root: Path, sample_dir: Path, weights: Path, params: dict | None
 
     run_dir = Path(root) / key
     config = SearchConfig(
-        data_dir=sample_dir, run_dir=run_dir, trials=1, scan=ScanConfig(sample_dir),
+        data_dir=data_dir, run_dir=run_dir, trials=1, scan=ScanConfig(data_dir),
         split=SplitConfig(seed=seed),
         fit=FitConfig(max_epochs_stage1=epochs, max_epochs_stage2=0, patience=epochs,
                       weights=str(weights), seed=seed))
@@ -45,7 +46,7 @@ def trained_run(root: Path, sample_dir: Path, weights: Path, params: dict | None
     frame = split(scan(config.scan).images, config.split)
     write_split(frame, run_dir / "split.csv")
     classes = sorted(frame["label"].unique().tolist())
-    data = TrialData(frame, classes, ImageCache(sample_dir), "balanced")
+    data = TrialData(frame, classes, ImageCache(data_dir), "balanced")
     keras.utils.set_random_seed(seed)
     retrain_best(Run(config, None, data), {**(params or PARAMS), "number": 0, "value": 0.0})
     _CACHE[key] = run_dir
