@@ -11,7 +11,7 @@ import pytest
 from tuner.config import ScanConfig, SplitConfig
 from tuner.data import read_split, scan, split, write_split
 from tuner.pipeline import (EpochPlan, ImageCache, SplitArrays, augmentation, load_image,
-                            make_dataset, split_arrays, train_stream, warp_draws)
+                            make_dataset, split_arrays, train_stream, view_batches, warp_draws)
 
 SIZE = 32
 
@@ -133,6 +133,33 @@ def test_train_stream_batches(train_arrays, sample):
     np.testing.assert_array_equal(x.numpy(), train_arrays.x[:16].astype(np.float32))
     np.testing.assert_array_equal(y.numpy().argmax(axis=1), train_arrays.y[:16])
     assert sum(int(b[0].shape[0]) for b in ds) == n
+
+
+def test_pipelines_run_without_the_autotune_model(train_arrays, monkeypatch):
+    """Every stream the trials and caches read turns tf.data's autotuning model off (deleting an
+    iterator waited for its thread: up to 6 s per fit here); PERSONCLF_TFDATA_AUTOTUNE=1 turns it
+    back on for a host where tuning the parallelism pays."""
+    from tuner.features import view_dataset
+
+    k = int(train_arrays.y.max()) + 1
+    n = len(train_arrays.y)
+    cached = np.zeros((2, n, 4), np.float32)
+
+    def streams():
+        return {"train": train_stream(train_arrays, k, 8, seed=1, epochs=1, views=2,
+                                      augment_strength=0.5)[0],
+                "eval": make_dataset(train_arrays, k, 8),
+                "copies": view_batches(train_arrays, range(2), 8, 0.5, 1, 2),
+                "cached": view_dataset(cached, train_arrays.y, k, None, 8, 1, 1)[0]}
+
+    assert {name: ds.options().autotune.enabled for name, ds in streams().items()} == \
+        dict.fromkeys(["train", "eval", "copies", "cached"], False)
+    # Off or on, the same batches: the model tunes speed only.
+    off = [x.numpy() for x, _y in streams()["train"]]
+    monkeypatch.setenv("PERSONCLF_TFDATA_AUTOTUNE", "1")
+    on = streams()
+    assert all(ds.options().autotune.enabled for ds in on.values())
+    np.testing.assert_array_equal(np.stack(off), np.stack([x.numpy() for x, _y in on["train"]]))
 
 
 def test_augmentation(train_arrays):

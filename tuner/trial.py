@@ -24,7 +24,7 @@ from .config import FitConfig, TrialParams
 from .data import class_weights
 from .hypermodel import base_of, head_layers
 from .pipeline import (ImageCache, SplitArrays, make_dataset, predict_batch, split_arrays,
-                       train_stream, views_for)
+                       train_stream, views_for, without_autotune_model)
 
 log = logging.getLogger(__name__)
 
@@ -329,7 +329,8 @@ def _fit_cached(net: keras.Model, feats, learning_rate: float, epochs: int, para
                                    cfg.seed, epochs)
     compile_model(net, learning_rate, params, cfg, train_ds, warmup_epochs * steps)
     val_ds = tf.data.Dataset.from_tensor_slices(
-        (feats.val.astype(np.float32), np.eye(k, dtype=np.float32)[val.y])).batch(256)
+        (feats.val.astype(np.float32), np.eye(k, dtype=np.float32)[val.y])).batch(256) \
+        .apply(without_autotune_model)
     early = keras.callbacks.EarlyStopping(monitor=cfg.objective, mode="max",
                                           patience=cfg.patience, restore_best_weights=True)
     # Eager validation for the head alone; a backbone suffix is worth tracing (at
