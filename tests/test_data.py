@@ -231,6 +231,25 @@ def test_truncated_jpeg_is_skipped(tmp_path):
     assert_good_intact(result)
 
 
+def test_truncated_webp_is_reported_as_truncated(tmp_path):
+    """libwebp decodes the whole file when Pillow opens it, and its error never says why; the
+    RIFF header's length does. A WebP of full length with a damaged body stays "corrupt"."""
+    good = io.BytesIO()
+    Image.fromarray(np.random.default_rng(903).integers(0, 256, (96, 96, 3), dtype=np.uint8)) \
+        .save(good, "WEBP")
+    data = good.getvalue()
+    root = make_dataset(tmp_path / "ds")
+    (root / "alice" / "cut.webp").write_bytes(data[:len(data) // 2])
+    damaged = bytearray(data)
+    damaged[20:40] = b"\xff" * 20  # the VP8 chunk's own header
+    (root / "bob" / "damaged.webp").write_bytes(bytes(damaged))
+    result = do_scan(root)
+    assert reason_of(result, "alice/cut.webp") == \
+        f"truncated WEBP: {len(data) // 2:,} of the {len(data):,} bytes its header declares"
+    assert reason_of(result, "bob/damaged.webp").startswith("corrupt WEBP")
+    assert_good_intact(result)
+
+
 def test_truncated_header_raises_value_error_not_oserror():
     """Pillow raises a bare OSError ('Truncated File Read') when even the header is cut; the
     decoder must turn it into the same ValueError-with-reason as everything else."""

@@ -187,19 +187,32 @@ def _damage(data: bytes, fmt: str, exc: Exception) -> str:
     Pillow says "truncated" whenever it runs out of bytes, also when a damaged length field
     sends it past the end; a file that still ends with its format's trailer was not cut short.
     """
+    declared = _riff_size(data)
+    if declared is not None:  # WebP: its RIFF header gives the length; Pillow's error does not
+        return "truncated" if len(data) < declared else "corrupt"
     trailer = _TRAILERS.get(fmt)
     if trailer and data.rstrip(b"\x00").endswith(trailer):
         return "corrupt"
     return "truncated" if "truncated" in str(exc).lower() else "corrupt"
 
 
+def _riff_size(data: bytes) -> int | None:
+    """The file length a RIFF (WebP) header declares, or None for other files."""
+    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WEBP":
+        return None
+    return int.from_bytes(data[4:8], "little") + 8
+
+
 def _unidentified_reason(data: bytes, exc: Exception) -> str:
     """Why Pillow could not even parse the header: a damaged known format, text, or other."""
     kind = next((k for magic, k in _MAGIC if data.startswith(magic)), None)
-    if kind is None and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+    declared = _riff_size(data)
+    if kind is None and declared is not None:
         kind = "WEBP"
     if kind:
         if _damage(data, kind, exc) == "truncated":
+            if declared is not None:  # libwebp reads the whole file when Pillow opens it
+                return f"truncated {kind}: {len(data):,} of the {declared:,} bytes its header declares"
             return f"truncated {kind}: file ends inside its header"
         return f"corrupt {kind}: header unreadable"
     head = data[:1024]
