@@ -11,7 +11,8 @@ import pytest
 from tuner.config import ScanConfig, SplitConfig
 from tuner.data import read_split, scan, split, write_split
 from tuner.pipeline import (EpochPlan, ImageCache, SplitArrays, augmentation, load_image,
-                            make_dataset, split_arrays, train_stream, view_batches, warp_draws)
+                            image_batches, make_dataset, split_arrays, train_stream,
+                            view_batches, warp_draws)
 
 SIZE = 32
 
@@ -133,6 +134,11 @@ def test_train_stream_batches(train_arrays, sample):
     np.testing.assert_array_equal(x.numpy(), train_arrays.x[:16].astype(np.float32))
     np.testing.assert_array_equal(y.numpy().argmax(axis=1), train_arrays.y[:16])
     assert sum(int(b[0].shape[0]) for b in ds) == n
+    # Prediction batches: the same pixels, in order, as float32, the last batch partial.
+    batches = [b.numpy() for b in image_batches(train_arrays.x, 16)]
+    assert all(b.dtype == np.float32 for b in batches)
+    assert [len(b) for b in batches] == [16] * (n // 16) + ([n % 16] if n % 16 else [])
+    np.testing.assert_array_equal(np.concatenate(batches), train_arrays.x.astype(np.float32))
 
 
 def test_pipelines_run_without_the_autotune_model(train_arrays, monkeypatch):
@@ -149,11 +155,12 @@ def test_pipelines_run_without_the_autotune_model(train_arrays, monkeypatch):
         return {"train": train_stream(train_arrays, k, 8, seed=1, epochs=1, views=2,
                                       augment_strength=0.5)[0],
                 "eval": make_dataset(train_arrays, k, 8),
+                "predict": image_batches(train_arrays.x, 8),
                 "copies": view_batches(train_arrays, range(2), 8, 0.5, 1, 2),
                 "cached": view_dataset(cached, train_arrays.y, k, None, 8, 1, 1)[0]}
 
     assert {name: ds.options().autotune.enabled for name, ds in streams().items()} == \
-        dict.fromkeys(["train", "eval", "copies", "cached"], False)
+        dict.fromkeys(["train", "eval", "predict", "copies", "cached"], False)
     # Off or on, the same batches: the model tunes speed only.
     off = [x.numpy() for x, _y in streams()["train"]]
     monkeypatch.setenv("PERSONCLF_TFDATA_AUTOTUNE", "1")

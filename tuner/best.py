@@ -28,7 +28,9 @@ def predict_probs(model, images: np.ndarray, batch_size: int = 64) -> np.ndarray
     """Class probabilities for uint8 (N, H, W, 3) images (the model takes raw 0..255 floats)."""
     if len(images) == 0:
         return np.zeros((0, model.output_shape[-1]), dtype=np.float32)
-    return model.predict(images.astype(np.float32), batch_size=batch_size, verbose=0)
+    from .pipeline import image_batches
+
+    return model.predict(image_batches(images, batch_size), verbose=0)
 
 
 def params_from_row(row) -> TrialParams:

@@ -281,6 +281,7 @@ def refit_head(model: keras.Model, params: TrialParams, data: TrialData,
     model on the validation objective; the test split is never read. Returns what happened,
     for the manifest.
     """
+    from .best import predict_probs
     from .features import extract, feature_extractor, head_model
 
     start = time.perf_counter()
@@ -288,7 +289,7 @@ def refit_head(model: keras.Model, params: TrialParams, data: TrialData,
     size = params.input_size
     train, val = data.arrays("train", size), data.arrays("val", size)
     class_weight = data.class_weight()
-    before = score(val.y, model.predict(val.x.astype(np.float32), verbose=0))[metric]
+    before = score(val.y, predict_probs(model, val.x))[metric]
     heads = head_layers(model)
     initial = [layer.get_weights() for layer in heads]
     extractor = feature_extractor(model)
