@@ -44,6 +44,7 @@ def rss_mb() -> tuple[float, float]:
 
 def run_mode(args) -> dict:
     """One search in this process; returns its measurements."""
+    from tuner.best import runtime_versions
     from tuner.config import FitConfig, SearchConfig, SplitConfig
     from tuner.search import run_search
 
@@ -90,7 +91,10 @@ def run_mode(args) -> dict:
             "rss_mb": rss, "peak_rss_mb": peaks, "trial_rows": rows,
             # Every training setting the trials ran with, defaults included (the warmup, the
             # augmented copies): what a later reader needs to compare runs of different code.
-            "fit": dataclasses.asdict(config.fit)}
+            "fit": dataclasses.asdict(config.fit),
+            # ... and what ran them: oneDNN's kernels round differently from TensorFlow's own,
+            # so trial values compare only between runs with the same kernels.
+            "versions": runtime_versions()}
 
 
 def main() -> int:
@@ -146,6 +150,7 @@ def main() -> int:
     results["config"] = {k: getattr(args, k) for k in
                          ("data", "space", "trials", "max_epochs", "patience", "seed", "weights")}
     results["config"]["fit"] = fast["fit"]
+    results["config"]["versions"] = fast["versions"]
     from tabulate import tabulate
 
     rows = [[m, r["seconds"], r["trials_per_hour"], f"{r['best_val_balanced_accuracy']:.4f}",
@@ -164,7 +169,8 @@ def main() -> int:
             f"({results['ratio_with_imports']}x counting each process's imports; "
             f"{results['cpu_ratio']}x in CPU seconds); "
             f"accuracy gap: {results['accuracy_gap_points']} points; peak RSS growth after "
-            f"trial 2: {growth}\n{text_extra}")
+            f"trial 2: {growth}; oneDNN kernels "
+            f"{'on' if fast['versions']['onednn'] else 'off'}\n{text_extra}")
     print(text)
     (out / "search_speed.md").write_text(text)
     (out / "search_speed.json").write_text(json.dumps(results, indent=2))

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+import tuner  # noqa: F401  first, as in the CLI: its TensorFlow settings apply before TF loads
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("PERSONCLF_SHARED", REPO.parent / "shared")).resolve()
 

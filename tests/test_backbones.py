@@ -6,8 +6,10 @@ MobileNet 0.25 file; those skip when ../shared (or $PERSONCLF_SHARED) is absent.
 from __future__ import annotations
 
 import os
+import platform
 import re
 import subprocess
+import sys
 import urllib.error
 from pathlib import Path
 
@@ -190,3 +192,23 @@ def test_shared_mobilenet_weights_load_by_path_and_from_keras_home(tmp_path, mon
     monkeypatch.setenv("KERAS_HOME", str(home))
     from_home = backbones.build_base(spec, 128, weights="imagenet", alpha=0.25)
     np.testing.assert_array_equal(from_home.get_layer("conv_pw_13").kernel.numpy(), expected)
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
+                    reason="the package turns oneDNN's kernels on only on x86")
+@pytest.mark.parametrize("setting, tf_first, expected", [
+    (None, False, "1 True"),  # the package's default: oneDNN's kernels on every x86 CPU
+    ("0", False, "0 False"),  # the user's choice wins
+    (None, True, "None"),  # TensorFlow loaded first: too late to change, so left alone
+])
+def test_importing_the_package_turns_onednn_on_unless_the_user_chose(setting, tf_first, expected):
+    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    if setting is not None:
+        env["TF_ENABLE_ONEDNN_OPTS"] = setting
+    imports = "import tensorflow, tuner" if tf_first else "import tuner, tensorflow"
+    code = (f"{imports}; import os; v = os.environ.get('TF_ENABLE_ONEDNN_OPTS')\n"
+            "from tensorflow.python.util import _pywrap_util_port as p\n"
+            "print(v if v is None else f'{v} {p.IsMklEnabled()}')")
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "TF_CPP_MIN_LOG_LEVEL": "3"},
+                         capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.strip().splitlines()[-1] == expected

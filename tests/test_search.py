@@ -160,7 +160,8 @@ def test_end_to_end(work, optuna_run, sample_dir, tmp_path, capsys):
             assert hyper[name] == expected, name
         else:
             assert hyper[name] == pytest.approx(float(expected)), name
-    assert set(manifest["versions"]) >= {"personclf_tune", "tensorflow", "keras"}
+    assert set(manifest["versions"]) >= {"personclf_tune", "tensorflow", "keras", "onednn"}
+    assert isinstance(manifest["versions"]["onednn"], bool)  # known in this TensorFlow
     # Stage 3, the head refit, ran where stage 2 won; the saved model scores on validation
     # what it recorded (the refit's head if it helped, stage 2's if not).
     training = manifest["training"]

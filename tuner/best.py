@@ -105,7 +105,7 @@ def retrain_best(run, best_row) -> tuple[Path, dict]:
                      "seed": cfg.fit.seed, "head_refit": refit},
         "source": {"run": str(run.root), "trial": int(best_row["number"]),
                    "trial_value": float(best_row["value"])},
-        "versions": _versions(),
+        "versions": runtime_versions(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     write_json(manifest, out / "manifest.json")
@@ -119,12 +119,19 @@ def save_model(model, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _versions() -> dict:
+def runtime_versions() -> dict:
+    """What produced the model: versions, and whether oneDNN's kernels ran (they round
+    differently from TensorFlow's own, so a rerun compares only like with like)."""
     import keras
     import tensorflow as tf
 
+    try:  # TensorFlow's own flag; private, so unknown (None) if a release moves it
+        from tensorflow.python.util import _pywrap_util_port
+        onednn = bool(_pywrap_util_port.IsMklEnabled())
+    except (ImportError, AttributeError):
+        onednn = None
     return {"personclf_tune": __version__, "tensorflow": tf.__version__,
-            "keras": keras.__version__}
+            "keras": keras.__version__, "onednn": onednn}
 
 
 def load_manifest(model_path: Path) -> dict:

@@ -34,7 +34,6 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from . import __version__
 from .errors import TunerError, UsageError
 
 log = logging.getLogger(__name__)
@@ -936,11 +935,9 @@ def _io_spec(shape, dtype: str) -> dict:
 def _versions() -> dict:
     from importlib import metadata
 
-    import keras
-    import tensorflow as tf
+    from .best import runtime_versions
 
-    versions = {"personclf_tune": __version__, "tensorflow": tf.__version__,
-                "keras": keras.__version__}
+    versions = runtime_versions()
     try:
         versions["ai_edge_litert"] = metadata.version("ai-edge-litert")
     except metadata.PackageNotFoundError:
