@@ -50,9 +50,10 @@ def test_search_speed_benchmark_runs_both_modes_and_writes_its_table(
     assert fit["warmup_epochs_stage2"] == 1 and fit["weights"] == str(mobilenet_025_weights)
     # The kernels that ran are recorded, and they are this process's: the children import
     # the package before TensorFlow, as conftest does here, with the same environment.
-    from tensorflow.python.util import _pywrap_util_port
+    from tuner.best import runtime_versions
 
-    onednn = bool(_pywrap_util_port.IsMklEnabled())
+    onednn = runtime_versions()["onednn"]
+    assert isinstance(onednn, bool)
     assert naive["versions"]["onednn"] is fast["versions"]["onednn"] is onednn
     table = (out / "search_speed.md").read_text()
     assert "| naive " in table and "| fast " in table and f"{results['ratio']}x" in table
