@@ -414,6 +414,28 @@ def test_rollback_never_returns_to_a_release_rolled_back_from(tmp_path, capsys):
     assert tag() == "a"  # not b, which was rolled back from
 
 
+def test_a_rollback_interrupted_before_hiding_its_release_is_finished_by_the_next_promote(
+        tmp_path, monkeypatch):
+    dest = tmp_path / "device"
+    for name, metric in (("a", 0.8), ("b", 0.9)):
+        deploy.promote(fake_export(tmp_path / name, metric, name), str(dest), keep=3)
+
+    def interrupted(self, old, new):
+        raise KeyboardInterrupt  # killed between the switch and the rename
+
+    with monkeypatch.context() as m:
+        m.setattr(deploy.LocalDestination, "rename", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            deploy.rollback(str(dest))
+    releases = sorted(p.name for p in (dest / "releases").iterdir())
+    assert os.readlink(dest / "current") == f"releases/{releases[0]}"  # a runs
+    assert releases[1].startswith("0002-")  # b, rolled back from, still visible
+    result = deploy.promote(fake_export(tmp_path / "c", 0.7, "c"), str(dest), keep=3,
+                            force=True)
+    assert result.pruned == [f".rolled-back-{releases[1]}"]
+    assert deploy.rollback(str(dest)) == (result.release, releases[0])  # to a, not b
+
+
 # -- promote over ssh to a real sshd on 127.0.0.1 -------------------------------------------
 
 

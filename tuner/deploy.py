@@ -11,9 +11,10 @@ atomic rename of a symlink. So a failed or interrupted copy never changes what `
 Files are flushed to disk before `current` moves, so a power cut cannot leave it pointing at
 half-written files. Older releases are kept for `rollback` (`--keep N`); a release rolled back
 from is renamed `.rolled-back-<id>` (never a rollback target again, removed by the next
-promote). The champion gate refuses a model whose test balanced accuracy is worse than the
-current one's, or that has none while the current one has, unless forced. Every file name a
-manifest lists must be a plain relative path inside its folder.
+promote, which also hides one an interrupted rollback left visible). The champion gate
+refuses a model whose test balanced accuracy is worse than the current one's, or that has
+none while the current one has, unless forced. Every file name a manifest lists must be a
+plain relative path inside its folder.
 
 Every external command is an argument list (never `shell=True`); commands that run on the
 remote host are quoted with `shlex` because ssh hands them to the remote shell.
@@ -493,6 +494,8 @@ def _promote(d, folder: Path, manifest: dict, expected: dict, keep: int,
     except BaseException:
         d.remove(staging)
         raise
+    if current is not None:
+        _hide_abandoned(d, current, release)
     try:
         d.switch(release)
     except OSError as exc:
@@ -531,9 +534,20 @@ def _rollback(d) -> tuple[str, str]:
         raise UsageError(f"{d}: {current} is the oldest release kept; nothing to roll back to")
     d.switch(older[-1])
     # Renamed after the switch, so `current` never points at a hidden name; an interruption
-    # between the two leaves the rejected release visible (a later rollback could pick it).
+    # between the two leaves the rejected release visible, until the next promote hides it.
     d.rename(current, f"{ROLLED_BACK}{current}")
     return current, older[-1]
+
+
+def _hide_abandoned(d, current: str, new: str) -> None:
+    """Hide the releases numbered between `current` and `new`: none of them is current, so
+    each was left by an interrupted rollback (switched away from, not yet renamed) or a
+    promote whose switch failed. Once `new` is current they would look like its
+    predecessors, and a rollback from `new` must never return to them."""
+    low, high = _order(current)[0], _order(new)[0]
+    for name in d.releases():
+        if low < _order(name)[0] < high:
+            d.rename(name, f"{ROLLED_BACK}{name}")
 
 
 def prune(d, keep: int) -> list[str]:
