@@ -250,6 +250,26 @@ def test_truncated_webp_is_reported_as_truncated(tmp_path):
     assert_good_intact(result)
 
 
+def test_blank_frames_and_zeroed_pixel_data_are_skipped(tmp_path):
+    """A black camera frame, and a WebP whose image data was zeroed: both decode without an
+    error, to one flat colour (the zeroed WebP to a grey with a standard deviation of 0.3)."""
+    root = make_dataset(tmp_path / "ds")
+    (root / "alice" / "black.jpg").write_bytes(jpeg_bytes(Image.new("RGB", (64, 48))))
+    good = io.BytesIO()
+    photo(911, (96, 96)).save(good, "WEBP")
+    zeroed = bytearray(good.getvalue())
+    body = zeroed.index(b"VP8 ") + 18  # past the chunk header and the frame's own header
+    zeroed[body:] = bytes(len(zeroed) - body)
+    (root / "bob" / "zeroed.webp").write_bytes(bytes(zeroed))
+    dull = np.full((48, 48, 3), 90, np.uint8)
+    dull[20:28, 20:28] = 110  # a flat photo with a little in it is still a photo
+    Image.fromarray(dull).save(root / "bob" / "dull.png")
+    result = do_scan(root)
+    assert reason_of(result, "alice/black.jpg").startswith("blank JPEG: one flat colour")
+    assert reason_of(result, "bob/zeroed.webp").startswith("blank WEBP: one flat colour")
+    assert_good_intact(result, {"alice": 3, "bob": 4})
+
+
 def test_truncated_header_raises_value_error_not_oserror():
     """Pillow raises a bare OSError ('Truncated File Read') when even the header is cut; the
     decoder must turn it into the same ValueError-with-reason as everything else."""

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageFile, ImageOps, ImageStat
 
 from .config import ScanConfig, SplitConfig
 from .errors import DatasetError, UsageError
@@ -51,6 +51,11 @@ _MAGIC = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF87a", 
           (b"GIF89a", "GIF"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"BM", "BMP"))
 # What a complete file ends with: a damaged file that still has it was not cut short.
 _TRAILERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82", "GIF": b";"}
+# A picture none of whose channels varies by this much (standard deviation, grey levels) shows
+# nothing: a camera's blank frame, or damaged pixel data that decodes without an error to one
+# flat colour (a WebP with its image data zeroed: 0.3). The flattest photo in the shared
+# datasets has 16.
+BLANK_STDDEV = 1.0
 
 
 @dataclass
@@ -444,6 +449,10 @@ def _inspect(path: Path, root: Path, config: ScanConfig, skip) -> dict | None:
         return None
     except Exception as exc:  # noqa: BLE001 - a decoder bug must not end the scan
         skip(path, f"cannot decode: {type(exc).__name__}: {exc}")
+        return None
+    if max(ImageStat.Stat(img).stddev) < BLANK_STDDEV:
+        skip(path, f"blank {fmt}: one flat colour, nothing to learn from (a blank frame, or "
+                   "damaged pixel data)")
         return None
     return {
         "path": _rel(path, root),
