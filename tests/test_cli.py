@@ -228,6 +228,52 @@ def test_python_dash_m_entry_point(tmp_path):
     assert version.returncode == 0 and version.stdout.startswith("personclf-tune ")
 
 
+def test_tensorflows_notes_are_filtered_and_everything_else_passes(capfd, monkeypatch):
+    import glob
+
+    from tuner import quiet
+
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
+    cuda = b"E0000 00:00:1.2 8350 cuda_platform.cc:52] failed call to cuInit: UNKNOWN ERROR\n"
+    with quiet.notes_filtered():
+        os.write(2, cuda)
+        os.write(2, b"WARNING: All log messages before absl::InitializeLog() is called are "
+                    b"written to STDERR\n")
+        os.write(2, b"I0000 00:00:1.2 7974 cudart_stub.cc:31] Could not find cuda drivers on "
+                    b"your machine, GPU will not be used.\n")
+        os.write(2, b"F0000 something real went wrong\n")
+        os.write(2, b"fully_quantize: 0, inference_type: 6, input_inference_type: UINT8\n")
+    gpu = glob.glob("/dev/nvidia[0-9]*")  # only there is CUDA failing to start news
+    assert capfd.readouterr().err == (cuda.decode() if gpu else "") + \
+        "F0000 something real went wrong\n"
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "0")  # the user asked for everything
+    with quiet.notes_filtered():
+        os.write(2, cuda)
+    assert capfd.readouterr().err == cuda.decode()
+
+
+def test_the_cli_hides_tensorflows_loading_notes_unless_asked(tmp_path):
+    """The CLI's `import tensorflow` prints nothing but real errors; TF_CPP_MIN_LOG_LEVEL=0
+    shows TensorFlow's notes again."""
+    from tuner import quiet
+
+    code = "import sys; import tuner.cli; import tensorflow; print('imported', file=sys.stderr)"
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+
+    def notes(level: str | None) -> list[str]:
+        run_env = env if level is None else {**env, "TF_CPP_MIN_LOG_LEVEL": level}
+        proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=run_env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0 and "imported" in proc.stderr, proc.stderr
+        return [line for line in proc.stderr.splitlines() if quiet.NOTES.search(line)]
+
+    loud = notes("0")
+    if not loud:
+        pytest.skip("this TensorFlow build prints no loading notes on this machine")
+    assert notes(None) == []
+
+
 def test_head_refit_is_on_unless_turned_off_and_not_part_of_a_runs_identity(data, space,
                                                                             tmp_path):
     argv = ["search", "--data", str(data), "--space", str(space), "--output", str(tmp_path / "r")]

@@ -357,6 +357,10 @@ def test_sigkill_mid_trial_then_resume(work, tmp_path):
     second = subprocess.run(argv, cwd=work.root, env=env, capture_output=True, text=True,
                             timeout=300)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    from tuner import quiet  # TensorFlow's routine notes never reach the user
+
+    assert not [line for line in second.stderr.splitlines() if quiet.NOTES.search(line)
+                or quiet.NO_GPU_NOTES.search(line)]
 
     after = load_study(run).get_trials()
     finished = [t for t in after if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]

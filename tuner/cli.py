@@ -14,7 +14,7 @@ import re
 import sys
 from pathlib import Path
 
-from . import __version__
+from . import __version__, quiet
 from .errors import TunerError, UsageError
 
 COMMANDS = ("search", "data", "report", "evaluate", "export", "predict", "promote", "rollback")
@@ -389,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
 def _quiet_tensorflow() -> None:
     """TensorFlow's C++ start-up chatter hides our output; users can still raise it."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    quiet.QuietTensorFlowImport.install()  # the notes it prints before its logging starts
 
 
 _quiet_tensorflow()

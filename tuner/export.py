@@ -34,6 +34,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from . import quiet
 from .errors import TunerError, UsageError
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,8 @@ def _export_tflite_float(job: "_Job", path: Path) -> dict:
     import tensorflow as tf
 
     converter = tf.lite.TFLiteConverter.from_saved_model(str(job.static_saved_model()))
-    _write_bytes(path, converter.convert())
+    with quiet.notes_filtered():
+        _write_bytes(path, converter.convert())
     return tflite_info(path)
 
 
@@ -125,7 +127,8 @@ def convert_int8(saved_model: Path, images: np.ndarray) -> bytes:
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     converter.inference_input_type = tf.uint8
     converter.inference_output_type = tf.uint8
-    return converter.convert()
+    with quiet.notes_filtered():  # it prints its settings ("fully_quantize: 0, ...")
+        return converter.convert()
 
 
 def _export_edgetpu(job: "_Job", path: Path) -> dict:
@@ -334,9 +337,10 @@ class TFLiteRunner(Runner):
                 raise UsageError(f"{path}: an Edge TPU model needs the Edge TPU runtime "
                                  f"(libedgetpu) and a connected Edge TPU ({exc}); run the "
                                  "int8 model (model_int8.tflite) on the CPU instead") from None
-        self.interpreter = Interpreter(model_path=str(path), num_threads=num_threads,
-                                       experimental_delegates=delegates or None)
-        self.interpreter.allocate_tensors()
+        with quiet.notes_filtered():  # "Created TensorFlow Lite XNNPACK delegate for CPU."
+            self.interpreter = Interpreter(model_path=str(path), num_threads=num_threads,
+                                           experimental_delegates=delegates or None)
+            self.interpreter.allocate_tensors()
         self.inp = self.interpreter.get_input_details()[0]
         self.out = self.interpreter.get_output_details()[0]
         quantized = self.inp["dtype"] in (np.uint8, np.int8)
