@@ -1,7 +1,7 @@
 """Keep TensorFlow's and LiteRT's routine native notes out of the user's stderr.
 
 They print from C++ straight to file descriptor 2, some before TensorFlow's logging has
-started, so TF_CPP_MIN_LOG_LEVEL does not reach them: about 8 lines on every run that trains
+started, so TF_CPP_MIN_LOG_LEVEL does not reach them: 9 lines on a run here that trains
 and exports (loading notes, the converter's settings, the XNNPACK delegate). Around the calls
 that print them, stderr goes to a temporary file and every other line is passed on, so a real
 error still shows. TF_CPP_MIN_LOG_LEVEL=0 shows them all again.
