@@ -86,7 +86,10 @@ class QuietTensorFlowImport:
             def exec_module(module):
                 with notes_filtered():
                     run(module)
-                    module.config.list_physical_devices()
+                    try:
+                        module.config.list_physical_devices()
+                    except Exception:  # noqa: BLE001 - only to print its notes now; never fatal
+                        pass
 
             spec.loader.exec_module = exec_module
         return spec
