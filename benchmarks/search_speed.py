@@ -20,6 +20,8 @@ import argparse
 import dataclasses
 import json
 import os
+import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -40,6 +42,34 @@ def rss_mb() -> tuple[float, float]:
         fields[key] = value.strip()
     kb = lambda k: float(fields.get(k, "0 kB").split()[0]) / 1024  # noqa: E731
     return kb("VmRSS"), kb("VmHWM")
+
+
+def machine() -> dict:
+    """Which CPU ran the benchmark, as far as the ratio depends on it: its model, the cores this
+    process may use, and the vector extensions that decide TensorFlow's kernels (oneDNN turns
+    itself on only with AVX-512 VNNI or BF16, AVX-VNNI or AMX)."""
+    info = {"cpu": platform.processor() or platform.machine(),
+            "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+            else os.cpu_count()}
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return info
+    model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
+    flags = re.search(r"^flags\s*:\s*(.+)$", cpuinfo, re.M)
+    if model:
+        info["cpu"] = model.group(1).strip()
+    if flags:
+        info["simd"] = sorted(set(flags.group(1).split()) & SIMD_FLAGS)
+    return info
+
+
+SIMD_FLAGS = {"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile"}
+
+
+def _describe(info: dict) -> str:
+    simd = f" ({' '.join(info['simd'])})" if info.get("simd") else ""
+    return f"{info['cpu']}, {info['cpus']} CPUs{simd}"
 
 
 def run_mode(args) -> dict:
@@ -151,6 +181,7 @@ def main() -> int:
                          ("data", "space", "trials", "max_epochs", "patience", "seed", "weights")}
     results["config"]["fit"] = fast["fit"]
     results["config"]["versions"] = fast["versions"]
+    results["config"]["machine"] = machine()
     from tabulate import tabulate
 
     rows = [[m, r["seconds"], r["trials_per_hour"], f"{r['best_val_balanced_accuracy']:.4f}",
@@ -170,7 +201,8 @@ def main() -> int:
             f"{results['cpu_ratio']}x in CPU seconds); "
             f"accuracy gap: {results['accuracy_gap_points']} points; peak RSS growth after "
             f"trial 2: {growth}; oneDNN kernels "
-            f"{'on' if fast['versions']['onednn'] else 'off'}\n{text_extra}")
+            f"{'on' if fast['versions']['onednn'] else 'off'}\n{text_extra}"
+            f"machine: {_describe(results['config']['machine'])}\n")
     print(text)
     (out / "search_speed.md").write_text(text)
     (out / "search_speed.json").write_text(json.dumps(results, indent=2))

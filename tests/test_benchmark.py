@@ -55,5 +55,13 @@ def test_search_speed_benchmark_runs_both_modes_and_writes_its_table(
     onednn = runtime_versions()["onednn"]
     assert isinstance(onednn, bool)
     assert naive["versions"]["onednn"] is fast["versions"]["onednn"] is onednn
+    # And the machine, since ratios and values differ between CPUs: the cores this process
+    # may use, and the model /proc/cpuinfo names.
+    machine = results["config"]["machine"]
+    assert machine["cpus"] == len(os.sched_getaffinity(0)) and machine["cpu"]
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as fh:
+            assert machine["cpu"] in fh.read()
     table = (out / "search_speed.md").read_text()
     assert "| naive " in table and "| fast " in table and f"{results['ratio']}x" in table
+    assert f"machine: {machine['cpu']}, {machine['cpus']} CPUs" in table
