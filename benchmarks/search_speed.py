@@ -44,6 +44,9 @@ def rss_mb() -> tuple[float, float]:
     return kb("VmRSS"), kb("VmHWM")
 
 
+SIMD_FLAGS = {"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile"}
+
+
 def machine() -> dict:
     """Which CPU ran the benchmark, as far as the ratio depends on it: its model, the cores this
     process may use, and the vector extensions that decide TensorFlow's kernels (oneDNN turns
@@ -62,9 +65,6 @@ def machine() -> dict:
     if flags:
         info["simd"] = sorted(set(flags.group(1).split()) & SIMD_FLAGS)
     return info
-
-
-SIMD_FLAGS = {"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile"}
 
 
 def _describe(info: dict) -> str:

@@ -76,10 +76,11 @@ def tiny_model(seed: int = 0):
 
 
 def test_converter_keeps_the_rounded_weights_and_bias_correction_cancels_the_mean_error(
-        tmp_path):
+        tmp_path, capfd, monkeypatch):
     import keras
     import tensorflow as tf
 
+    from tuner import quiet
     from tuner.export import convert_int8, open_model
 
     rng = np.random.default_rng(1)
@@ -96,8 +97,17 @@ def test_converter_keeps_the_rounded_weights_and_bias_correction_cancels_the_mea
     model.export(str(path), format="tf_saved_model", verbose=False,
                  input_signature=[tf.TensorSpec((1, 24, 24, 3), tf.float32)])
     tflite = tmp_path / "model.tflite"
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
+    capfd.readouterr()
     tflite.write_bytes(convert_int8(path, images))
     runner = open_model(tflite)
+    # The converter's and interpreter's routine notes stay off stderr (the CLI's level)...
+    assert not [line for line in capfd.readouterr().err.splitlines() if quiet.NOTES.search(line)]
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "0")  # ... and reach it when asked for
+    convert_int8(path, images[:4])
+    assert [line for line in capfd.readouterr().err.splitlines()
+            if line.startswith("fully_quantize: ")]
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
     details = runner.interpreter.get_tensor_details()
     kernels = [d for d in details if d["quantization_parameters"]["scales"].size > 1
                and len(d["shape"]) in (2, 4) and d["dtype"] == np.int8]
