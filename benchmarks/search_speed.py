@@ -51,9 +51,9 @@ def machine() -> dict:
     """Which CPU ran the benchmark, as far as the ratio depends on it: its model, the cores this
     process may use, and the vector extensions that decide TensorFlow's kernels (oneDNN turns
     itself on only with AVX-512 VNNI or BF16, AVX-VNNI or AMX)."""
-    info = {"cpu": platform.processor() or platform.machine(),
-            "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-            else os.cpu_count()}
+    from tuner.workers import usable_cpus
+
+    info = {"cpu": platform.processor() or platform.machine(), "cpus": usable_cpus()}
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:

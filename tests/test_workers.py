@@ -92,6 +92,23 @@ def test_worker_env_assigns_gpus_round_robin(monkeypatch):
     assert "CUDA_VISIBLE_DEVICES" not in env and env["PERSONCLF_WORKER"] == "1"
 
 
+def test_cpu_workers_split_the_cores_between_them(monkeypatch):
+    for var in workers.THREAD_ENV:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(workers, "usable_cpus", lambda: 8)
+    envs = [workers.worker_env(i, [], count=3) for i in range(3)]
+    assert [(e["TF_NUM_INTRAOP_THREADS"], e["TF_NUM_INTEROP_THREADS"]) for e in envs] == \
+        [("2", "2")] * 3
+    assert workers.cpu_threads_each(4, cpus=2) == 1  # more workers than cores: one each
+    # A single worker, or workers with a GPU each: TensorFlow sizes its pools itself.
+    assert not set(workers.THREAD_ENV) & set(workers.worker_env(0, [], count=1))
+    assert not set(workers.THREAD_ENV) & set(workers.worker_env(0, ["0"], count=2))
+    # What the user set wins.
+    monkeypatch.setenv("TF_NUM_INTRAOP_THREADS", "3")
+    env = workers.worker_env(0, [], count=2)
+    assert (env["TF_NUM_INTRAOP_THREADS"], env["TF_NUM_INTEROP_THREADS"]) == ("3", "4")
+
+
 def test_worker_argv_drops_workers_and_pins_the_run_dir():
     argv = ["--data", "d", "--workers", "3", "--trials", "8", "--output", "old",
             "--workers=2", "--output=x", "--storage", "postgresql://h/db"]
