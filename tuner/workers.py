@@ -109,8 +109,8 @@ def cpu_threads_each(count: int, cpus: int | None = None) -> int:
 
     Left alone, every worker's thread pools size themselves to all the cores, and K workers
     oversubscribe them K times over. One trial scales poorly across threads anyway (stage 2 on
-    two threads is 1.26x one), so K single-threaded trials side by side finish more per hour.
-    """
+    two threads is 1.26x one), so K trials side by side on a share each finish more per hour
+    (the README's Scaling out section has the measurements)."""
     return max(1, (cpus or usable_cpus()) // count)
 
 
