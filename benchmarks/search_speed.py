@@ -74,6 +74,9 @@ def _describe(info: dict) -> str:
 
 def run_mode(args) -> dict:
     """One search in this process; returns its measurements."""
+    from tuner.quiet import QuietTensorFlowImport
+
+    QuietTensorFlowImport.install()  # TensorFlow's start-up notes, filtered as the CLI does
     from tuner.best import runtime_versions
     from tuner.config import FitConfig, SearchConfig, SplitConfig
     from tuner.search import run_search
