@@ -98,23 +98,39 @@ def test_invalid_space_file(data, tmp_path, capsys):
     assert cli.main(["--data", str(data), "--space", str(bad), "--output", str(run)]) == 2
     line = error_line(capsys)
     assert "bad.yaml:" in line and "dense_unitz" in line
-    # The refused run leaves no config behind, so the corrected command is not "different".
-    assert not (run / "config.json").exists()
+    # The refused run leaves nothing behind: the corrected command is not "different", and
+    # no empty run directory is left over.
+    assert not run.exists()
 
 
-def test_unknown_backbone(data, space, tmp_path, capsys):
-    run = tmp_path / "RUN"
-    assert cli.main(["--data", str(data), "--space", str(space), "--backbones", "MobileNet,Nope",
-                     "--output", str(run)]) == 2
-    line = error_line(capsys)
-    assert "unknown backbone 'Nope'" in line and "MobileNet" in line
-    assert not (run / "config.json").exists()
+def test_unknown_backbone(data, space, in_tmp, capsys):
+    # Without --output the run gets a new results/run-NNN, so resuming needs its name.
+    assert cli.main(["--data", str(data), "--space", str(space),
+                     "--backbones", "MobileNet,Nope"]) == 2
+    out, err = capsys.readouterr()
+    assert "run directory: results/run-001  (rerun with --output results/run-001 to resume)" in out
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "--backbones Nope: unknown backbone 'Nope'" in err and "MobileNet" in err
+    assert not (in_tmp / "results/run-001").exists()  # refused before anything was written
 
 
 def test_backbone_not_in_space(data, space, tmp_path, capsys):
+    run = tmp_path / "RUN"
     assert cli.main(["--data", str(data), "--space", str(space), "--backbones", "ResNet50",
-                     "--output", str(tmp_path / "RUN")]) == 2
+                     "--output", str(run)]) == 2
     assert "'ResNet50' is not in this search space" in error_line(capsys)
+    assert not run.exists()
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--near-duplicate-distance", "-3", "--near-duplicate-distance -3: must be between 0 and 64"),
+    ("--test-fraction", "0", "--test-fraction 0.0: must be above 0 and below 1"),
+    ("--workers", "0", "--workers 0: must be at least 1"),
+])
+def test_out_of_range_flags_are_named(data, flag, value, message, in_tmp, capsys):
+    assert cli.main(["--data", str(data), flag, value]) == 2
+    assert message in error_line(capsys)
+    assert list(in_tmp.iterdir()) == []
 
 
 def test_missing_weights_file(data, space, tmp_path, capsys):

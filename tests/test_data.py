@@ -759,6 +759,14 @@ def test_cli_unusable_dataset_prints_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "not a directory" in err
 
+    # `--data DIR`, as `search` spells it, names the same folder; none, or two, is refused.
+    assert main(["data", "--data", str(tmp_path / "nope")]) == 2
+    assert "nope: not a directory" in capsys.readouterr().err
+    assert main(["data"]) == 2
+    assert "give the dataset folder" in capsys.readouterr().err
+    assert main(["data", str(root), "--data", str(tmp_path / "nope")]) == 2
+    assert "two dataset folders" in capsys.readouterr().err
+
 
 def test_cli_unusable_dataset_real_process_stderr(tmp_path):
     """Through a real interpreter, so Pillow's warnings (not captured by pytest here) would show."""

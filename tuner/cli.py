@@ -40,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
 
     p = sub.add_parser("data", help="scan a dataset folder and report classes, bad files, duplicates")
-    p.add_argument("data_dir", type=Path, help="DIR/<person>/*.jpg, DIR/Unknown/*.jpg")
+    p.add_argument("data_dir", type=Path, nargs="?", help="DIR/<person>/*.jpg, DIR/Unknown/*.jpg")
+    # `--data DIR` as well, as `search` and `evaluate` spell it
+    p.add_argument("--data", type=Path, dest="data_flag", metavar="DIR", help=argparse.SUPPRESS)
     _add_scan_flags(p)
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the summary as JSON")
     p.add_argument("--split", type=Path, metavar="FILE",
@@ -206,7 +208,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     if args.worker:
         print(f"worker {os.getpid()} on {config.run_dir}", flush=True)
     else:
-        print(f"run directory: {config.run_dir}  (rerun the same command to resume)")
+        # Without --output every start takes a new results/run-NNN: resuming needs the name.
+        resume = "the same command" if args.output else f"with --output {config.run_dir}"
+        print(f"run directory: {config.run_dir}  (rerun {resume} to resume)")
     bar = _trial_bar(config.trials)
 
     def on_trial(row: dict) -> None:
@@ -309,7 +313,13 @@ def cmd_data(args: argparse.Namespace) -> int:
     from .config import ScanConfig, SplitConfig
     from .data import format_scan_report, scan, split, split_table, write_json, write_split
 
-    config = ScanConfig(args.data_dir, unknown_name=args.unknown_name,
+    if args.data_dir and args.data_flag and args.data_dir != args.data_flag:
+        raise UsageError(f"data: two dataset folders ({args.data_dir} and --data "
+                         f"{args.data_flag}); give one")
+    data_dir = args.data_dir or args.data_flag
+    if data_dir is None:
+        raise UsageError("data: give the dataset folder: personclf-tune data DIR")
+    config = ScanConfig(data_dir, unknown_name=args.unknown_name,
                         no_face_policy=args.no_face_policy,
                         near_duplicate_distance=args.near_duplicate_distance)
     split_config = SplitConfig(args.val_fraction, args.test_fraction, args.seed)

@@ -42,7 +42,8 @@ class ScanConfig:
                 f"--no-face-policy {self.no_face_policy!r}: choose one of {', '.join(NO_FACE_POLICIES)}"
             )
         if not 0 <= self.near_duplicate_distance <= 64:
-            raise UsageError("near-duplicate distance must be between 0 and 64 bits")
+            raise UsageError(f"--near-duplicate-distance {self.near_duplicate_distance}: "
+                             "must be between 0 and 64 bits")
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ class SplitConfig:
         for name in ("val_fraction", "test_fraction"):
             value = getattr(self, name)
             if not 0.0 < value < 1.0:
-                raise UsageError(f"--{name.replace('_', '-')} {value}: must be between 0 and 1")
+                raise UsageError(f"--{name.replace('_', '-')} {value}: must be above 0 and below 1")
         _check_seed(self.seed)
         if self.val_fraction + self.test_fraction >= 0.9:
             raise UsageError(

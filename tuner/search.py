@@ -565,20 +565,32 @@ class RunLock:
     def __init__(self, root: Path):
         self.path = root / ".lock"
         self.fh = None
+        self.created = False
 
     def __enter__(self):
+        self.created = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.fh = open(self.path, "w")
         try:
             fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            self.fh.close()
             raise UsageError(f"{self.path.parent} is in use by another personclf-tune process; "
                              "wait for it or use another --output") from None
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
         fcntl.flock(self.fh, fcntl.LOCK_UN)
         self.fh.close()
+        if exc_type is not None and self.created:
+            # A start refused before anything was written (a typo in a flag, a space file that
+            # does not parse) leaves no empty run directory behind to clutter results/.
+            try:
+                if [p.name for p in self.path.parent.iterdir()] == [self.path.name]:
+                    self.path.unlink()
+                    self.path.parent.rmdir()
+            except OSError:
+                pass
 
 
 def trials_frame(run: Run, engine_state) -> pd.DataFrame:

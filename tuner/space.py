@@ -126,7 +126,10 @@ def _restrict(space: SearchSpace, names: list[str]) -> SearchSpace:
 
     kept = {}
     for name in names:
-        canonical = registry.get(name).name  # UsageError names the unknown backbone
+        try:
+            canonical = registry.get(name).name
+        except UsageError as exc:
+            raise UsageError(f"--backbones {name}: {exc}") from None
         if canonical not in space.backbones:
             raise SpaceError(
                 f"{space.source}: backbone {name!r} is not in this search space "
