@@ -99,6 +99,14 @@ def test_predict_folder_default_format_and_unknown_threshold(exported, tmp_path,
     assert {r["format"] for r in out} == {"int8"}  # an export folder runs its int8 model
     assert cli("predict", run / "best", photos, "--json") == 0  # the run's own best/ too
     assert {r["format"] for r in json.loads(capsys.readouterr().out)} == {"keras"}
+    # --format picks from an export folder; a file (or best/) that is another format is refused
+    # rather than answering with the wrong model.
+    for model in (folder / "model.keras", run / "best"):
+        with pytest.raises(UsageError, match=r"--format int8: .*model\.keras is the keras model"):
+            deploy.predict(model, photos, "int8")
+    assert cli("predict", folder / "model_int8.tflite", photos, "--format", "int8",
+               "--json") == 0
+    assert {r["format"] for r in json.loads(capsys.readouterr().out)} == {"int8"}
     # A threshold above every probability turns every answer into Unknown.
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["threshold"] = 1.01

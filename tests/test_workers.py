@@ -109,6 +109,22 @@ def test_cpu_workers_split_the_cores_between_them(monkeypatch):
     assert (env["TF_NUM_INTRAOP_THREADS"], env["TF_NUM_INTEROP_THREADS"]) == ("3", "4")
 
 
+def test_more_cpu_workers_than_cores_are_warned_about(monkeypatch, caplog):
+    for var in workers.THREAD_ENV:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(workers, "visible_gpus", lambda: [])
+    monkeypatch.setattr(workers, "usable_cpus", lambda: 2)
+    caplog.set_level("INFO", logger="tuner.workers")
+    # Workers that exit at once (an unknown flag): only what the parent says is of interest.
+    codes = workers.run_local_workers(["--no-such-flag"], 3)
+    assert codes == [2, 2, 2]
+    assert "3 workers share 2 CPUs: 1 thread(s) each" in caplog.text
+    assert "--workers 3 on 2 CPUs and no GPU" in caplog.text
+    caplog.clear()
+    workers.run_local_workers(["--no-such-flag"], 2)
+    assert "2 workers share 2 CPUs" in caplog.text and "no GPU" not in caplog.text
+
+
 def test_worker_argv_drops_workers_and_pins_the_run_dir():
     argv = ["--data", "d", "--workers", "3", "--trials", "8", "--output", "old",
             "--workers=2", "--output=x", "--storage", "postgresql://h/db"]

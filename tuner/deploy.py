@@ -122,7 +122,7 @@ def resolve_model(path: Path, fmt: str | None = None) -> tuple[Path, dict]:
         manifest = read_manifest_file(path / MANIFEST)
         formats = manifest.get("formats")
         if not formats:  # RUN/best: the Keras model only
-            return path / "model.keras", manifest
+            return _check_format(path / "model.keras", fmt), manifest
         names = [fmt] if fmt else [n for n in PREDICT_PREFERENCE if n in formats]
         for name in names:
             entry = formats.get(name) or {}
@@ -135,9 +135,21 @@ def resolve_model(path: Path, fmt: str | None = None) -> tuple[Path, dict]:
         path = path / FORMATS[fmt].path
     for folder in (path.parent, path.parent.parent):
         if (folder / MANIFEST).is_file():
-            return path, read_manifest_file(folder / MANIFEST)
+            return _check_format(path, fmt), read_manifest_file(folder / MANIFEST)
     raise UsageError(f"{path}: no manifest.json beside the model; keep the model in its "
                      "export folder (RUN/export) or a release folder")
+
+
+def _check_format(path: Path, fmt: str | None) -> Path:
+    """`path` itself, unless --format asks for another model than the one it names: running
+    the Keras model when int8 was asked for would report the wrong model's answers."""
+    from .export import FORMATS
+
+    actual = next((name for name, f in FORMATS.items() if f.path == path.name), None)
+    if fmt and actual and actual != fmt:
+        raise UsageError(f"--format {fmt}: {path} is the {actual} model; pass its export folder "
+                         "(RUN/export) to choose a format, or leave --format out")
+    return path
 
 
 def image_paths(inputs) -> list[Path]:

@@ -140,8 +140,12 @@ def run_local_workers(worker_argv: list[str], count: int) -> list[int]:
     """
     gpus = visible_gpus()
     if not gpus and count > 1:
-        log.info("%d workers share %d CPUs: %s thread(s) each", count, usable_cpus(),
-                 os.environ.get(THREAD_ENV[0]) or cpu_threads_each(count))
+        cpus = usable_cpus()
+        log.info("%d workers share %d CPUs: %s thread(s) each", count, cpus,
+                 os.environ.get(THREAD_ENV[0]) or cpu_threads_each(count, cpus))
+        if count > cpus:
+            log.warning("--workers %d on %d CPUs and no GPU: workers beyond one per core only "
+                        "take turns on the cores, each with its own memory", count, cpus)
     procs = []
     try:
         for i in range(count):
