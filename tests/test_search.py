@@ -211,7 +211,10 @@ def test_end_to_end(work, optuna_run, sample_dir, tmp_path, capsys):
     out = tmp_path / "eval.json"
     assert cli.main(["evaluate", str(run / "best"), "--data", str(eval_dir),
                      "--json", str(out)]) == 0
-    assert "accuracy" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"{eval_dir}: {3 * 4 + 3} images")  # not "Test split"
+    assert f"1 folder(s) of people the model does not know ({stranger}): their 4 photos" in printed
+    assert "none of the model's people" not in printed  # they are there
     ev = json.loads(out.read_text())
     for key in ("accuracy", "balanced_accuracy", "macro_f1", "per_class", "per_view"):
         assert key in ev, key

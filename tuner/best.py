@@ -212,6 +212,9 @@ def evaluate_model(model_path: Path, data_dir: Path, no_face_policy: str = "memb
     evaluation = evaluate_predictions(y, probs, eval_classes, views=frame["view"].to_numpy(),
                                       threshold=float(manifest.get("threshold", 0.0)),
                                       unknown=unknown)
-    evaluation["unknown_folders"] = sorted(set(frame["label"]) - set(classes))
+    strangers = sorted(set(frame["label"]) - set(classes))
+    evaluation["unknown_folders"] = strangers
+    evaluation["unknown_folder_images"] = int(frame["label"].isin(strangers).sum())
+    evaluation["known_people_present"] = sorted(set(frame["label"]) & (set(classes) - {unknown}))
     evaluation["skipped"] = scanned.skipped
     return evaluation

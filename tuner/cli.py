@@ -302,7 +302,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .report import format_evaluation
 
     evaluation = evaluate_model(args.model, args.data, args.no_face_policy)
-    print(format_evaluation(evaluation))
+    print(format_evaluation(evaluation, title=str(args.data)))
     if args.json:
         write_json({k: v for k, v in evaluation.items() if k != "report_text"}, args.json)
         print(f"\nwrote {args.json}")

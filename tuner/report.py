@@ -459,11 +459,19 @@ def plot_confusion_matrix(cm, classes, path, normalize: bool = True) -> None:
     _save(fig, Path(path))
 
 
-def format_evaluation(ev: dict) -> str:
+def format_evaluation(ev: dict, title: str = "Test split") -> str:
     """Human-readable evaluation: headline metrics, classification report, per-view table."""
-    lines = [f"Test split: {ev['n']} images, {len(ev['classes'])} classes",
+    lines = [f"{title}: {ev['n']} images, {len(ev['classes'])} classes",
              f"accuracy {ev['accuracy']:.4f}   balanced accuracy {ev['balanced_accuracy']:.4f}"
              f"   macro F1 {ev['macro_f1']:.4f}"]
+    if strangers := ev.get("unknown_folders"):
+        # `evaluate` on another folder: say what the numbers measure before anyone reads them.
+        shown = ", ".join(strangers[:5]) + (", ..." if len(strangers) > 5 else "")
+        lines.append(f"{len(strangers)} folder(s) of people the model does not know ({shown}): "
+                     f"their {ev.get('unknown_folder_images', '?')} photos count as Unknown")
+        if not ev.get("known_people_present", True):
+            lines.append("none of the model's people is in this folder: these numbers say only "
+                         "how often strangers are rejected")
     if ev.get("threshold"):
         lines.append(f"Unknown threshold {ev['threshold']:.4f} "
                      f"({ev.get('rejected', 0)} predictions turned into Unknown)")
