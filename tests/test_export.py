@@ -273,13 +273,30 @@ def test_edgetpu_without_compiler_runs_the_offline_check(exported):
     assert len(line) == 1 and "compatible" in line[0]
 
 
-def test_min_agreement_above_one_fails_and_keeps_the_files(run_dir, tmp_path, capsys):
+def test_a_format_below_min_agreement_fails_and_keeps_the_files(run_dir, tmp_path, capsys,
+                                                                  monkeypatch):
     run = copy_run(run_dir, tmp_path / "run")
-    rc = cli("export", run, "--formats", "int8", "--min-agreement", "1.01",
+    # A fraction, not a percentage: refused before anything is written.
+    with pytest.raises(UsageError, match="--min-agreement 97: a fraction"):
+        cli("export", run, "--formats", "int8", "--min-agreement", "97")
+    assert not (run / "export").exists()
+    # An int8 model that disagrees with Keras on every photo (its top class moved by one).
+    real_open = export.open_model
+
+    def disagreeing(path, num_threads=None):
+        runner = real_open(path, num_threads)
+        predict = runner.predict
+        runner.predict = lambda images: np.roll(predict(images), 1, axis=1)
+        return runner
+
+    monkeypatch.setattr(export, "open_model", disagreeing)
+    rc = cli("export", run, "--formats", "int8", "--min-agreement", "0.97",
              "--calibration-images", "20")
     out = capsys.readouterr().out
     assert rc == 1
-    assert "FAILED int8: top-1 agreement" in out and "1.01" in out and "95% interval" in out
+    assert "FAILED int8: top-1 agreement with Keras" in out
+    assert "is below --min-agreement 0.97" in out
+    assert "95% interval" in out
     folder = run / "export"
     manifest = json.loads((folder / "manifest.json").read_text())
     keras_accuracy = json.loads((run / "best" / "manifest.json").read_text())["metrics"]["test"]
@@ -287,7 +304,8 @@ def test_min_agreement_above_one_fails_and_keeps_the_files(run_dir, tmp_path, ca
     assert (f"accuracy {int8_accuracy:.4f} against Keras's "
             f"{keras_accuracy['accuracy']:.4f}; files kept") in out
     assert (folder / "model_int8.tflite").is_file()
-    assert manifest["parity"]["passed"] is False and manifest["parity"]["min_agreement"] == 1.01
+    assert manifest["parity"]["passed"] is False and manifest["parity"]["min_agreement"] == 0.97
+    assert manifest["formats"]["int8"]["metrics"]["agreement"] < 0.2
     assert list(manifest["formats"]) == ["int8"]
     assert manifest["calibration"]["images"] <= 20
 

@@ -698,6 +698,9 @@ def export_run(run_dir: Path, formats=None, *, min_agreement: float = DEFAULT_MI
 
     run_dir = Path(run_dir)
     names = resolve_formats(formats)
+    if not 0.0 <= min_agreement <= 1.0:  # a fraction: 97 (meant as %) would fail every format
+        raise UsageError(f"--min-agreement {min_agreement:g}: a fraction of the test photos, "
+                         "between 0 and 1 (e.g. 0.97)")
     if calibration_images < 1:
         raise UsageError(f"--calibration-images {calibration_images}: must be at least 1")
     if weight_rounding not in WEIGHT_ROUNDINGS:
