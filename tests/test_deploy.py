@@ -103,7 +103,10 @@ def test_predict_folder_default_format_and_unknown_threshold(exported, tmp_path,
     # rather than answering with the wrong model.
     for model in (folder / "model.keras", run / "best"):
         with pytest.raises(UsageError, match=r"--format int8: .*model\.keras is the keras model"):
-            deploy.predict(model, photos, "int8")
+            deploy.predict(model, [photos], "int8")
+    shutil.copy(folder / "model_int8.tflite", folder / "camera.tflite")  # known by contents
+    with pytest.raises(UsageError, match=r"--format tflite: .*camera\.tflite is the int8 model"):
+        deploy.predict(folder / "camera.tflite", [photos], "tflite")
     assert cli("predict", folder / "model_int8.tflite", photos, "--format", "int8",
                "--json") == 0
     assert {r["format"] for r in json.loads(capsys.readouterr().out)} == {"int8"}

@@ -280,7 +280,7 @@ def test_a_format_below_min_agreement_fails_and_keeps_the_files(run_dir, tmp_pat
     with pytest.raises(UsageError, match="--min-agreement 97: a fraction"):
         cli("export", run, "--formats", "int8", "--min-agreement", "97")
     assert not (run / "export").exists()
-    # An int8 model that disagrees with Keras on every photo (its top class moved by one).
+    # An int8 model that disagrees with Keras on nearly every photo (its top class moved by one).
     real_open = export.open_model
 
     def disagreeing(path, num_threads=None):

@@ -81,6 +81,11 @@ def predict(model: Path, inputs, fmt: str | None = None) -> list[dict]:
     except (ValueError, RuntimeError, OSError) as exc:
         raise UsageError(f"{path}: cannot load the model ({str(exc).splitlines()[0]}); "
                          "export it again") from None
+    if fmt and runner.format != fmt:
+        # The runner knows its format from the model itself (a renamed file included):
+        # answering with another model than the one asked for would mislabel every answer.
+        raise UsageError(f"--format {fmt}: {path} is the {runner.format} model; pass its export "
+                         "folder (RUN/export) to choose a format, or leave --format out")
     classes = list(manifest["classes"])
     threshold = float(manifest.get("threshold", 0.0))
     unknown = manifest.get("unknown_label", "Unknown")
@@ -122,7 +127,7 @@ def resolve_model(path: Path, fmt: str | None = None) -> tuple[Path, dict]:
         manifest = read_manifest_file(path / MANIFEST)
         formats = manifest.get("formats")
         if not formats:  # RUN/best: the Keras model only
-            return _check_format(path / "model.keras", fmt), manifest
+            return path / "model.keras", manifest
         names = [fmt] if fmt else [n for n in PREDICT_PREFERENCE if n in formats]
         for name in names:
             entry = formats.get(name) or {}
@@ -135,21 +140,9 @@ def resolve_model(path: Path, fmt: str | None = None) -> tuple[Path, dict]:
         path = path / FORMATS[fmt].path
     for folder in (path.parent, path.parent.parent):
         if (folder / MANIFEST).is_file():
-            return _check_format(path, fmt), read_manifest_file(folder / MANIFEST)
+            return path, read_manifest_file(folder / MANIFEST)
     raise UsageError(f"{path}: no manifest.json beside the model; keep the model in its "
                      "export folder (RUN/export) or a release folder")
-
-
-def _check_format(path: Path, fmt: str | None) -> Path:
-    """`path` itself, unless --format asks for another model than the one it names: running
-    the Keras model when int8 was asked for would report the wrong model's answers."""
-    from .export import FORMATS
-
-    actual = next((name for name, f in FORMATS.items() if f.path == path.name), None)
-    if fmt and actual and actual != fmt:
-        raise UsageError(f"--format {fmt}: {path} is the {actual} model; pass its export folder "
-                         "(RUN/export) to choose a format, or leave --format out")
-    return path
 
 
 def image_paths(inputs) -> list[Path]:
