@@ -16,12 +16,14 @@ import logging
 import os
 import stat
 import warnings
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import simplejpeg
 from PIL import Image, ImageFile, ImageOps, ImageStat
 
 from .config import ScanConfig, SplitConfig
@@ -56,6 +58,10 @@ _TRAILERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82", "GIF": b";"}
 # flat colour (a WebP with its image data zeroed: 0.3). The flattest photo in the shared
 # datasets has 16.
 BLANK_STDDEV = 1.0
+# What libjpeg says when the compressed picture data is damaged (jerror.h: JWRN_HIT_MARKER,
+# JWRN_EXTRANEOUS_DATA, JWRN_HUFF_BAD_CODE, JWRN_MUST_RESYNC, JWRN_JPEG_EOF, ...). Its other
+# warnings (an unknown JFIF version, a bad thumbnail) leave the picture whole.
+_JPEG_DAMAGE = ("Corrupt JPEG data", "Premature end of JPEG file")
 
 
 @dataclass
@@ -450,6 +456,10 @@ def _inspect(path: Path, root: Path, config: ScanConfig, skip) -> dict | None:
     except Exception as exc:  # noqa: BLE001 - a decoder bug must not end the scan
         skip(path, f"cannot decode: {type(exc).__name__}: {exc}")
         return None
+    damage = hidden_damage(data, fmt)
+    if damage:
+        skip(path, damage)
+        return None
     if max(ImageStat.Stat(img).stddev) < BLANK_STDDEV:
         skip(path, f"blank {fmt}: one flat colour, nothing to learn from (a blank frame, or "
                    "damaged pixel data)")
@@ -464,6 +474,63 @@ def _inspect(path: Path, root: Path, config: ScanConfig, skip) -> dict | None:
         "sha256": hashlib.sha256(data).hexdigest(),
         "phash": phash64(img),
     }
+
+
+def hidden_damage(data: bytes, fmt: str) -> str | None:
+    """Why a JPEG or PNG that Pillow decoded is still damaged, or None.
+
+    Pillow fills in what damaged data lacks without a word: libjpeg's warnings go unreported, so
+    a JPEG with a run of zeroed bytes decodes with a third of its picture garbled, and a PNG whose
+    image data was zeroed loads with black rows. Such a photo would train as the person. Strict
+    libjpeg-turbo (simplejpeg) and PNG's chunk checksums catch what the decode does not.
+    """
+    if fmt == "JPEG":
+        return _jpeg_damage(data)
+    if fmt == "PNG":
+        return _png_damage(data)
+    return None
+
+
+def _jpeg_damage(data: bytes) -> str | None:
+    try:
+        header = simplejpeg.decode_jpeg_header(data)
+        # Decoding at 1/8 scale still reads every compressed bit, where the damage shows.
+        simplejpeg.decode_jpeg(data, colorspace="CMYK" if header[2] in ("CMYK", "YCCK") else "RGB",
+                               min_factor=8, strict=True)
+    except ValueError as exc:
+        message = str(exc)
+        if message.startswith(_JPEG_DAMAGE):
+            return f"damaged JPEG: part of the picture is garbled or missing (libjpeg: {message})"
+        log.debug("strict JPEG check: %s", message)  # unsupported by libjpeg-turbo, not damage
+    except Exception as exc:  # noqa: BLE001 - the check must never cost a photo Pillow reads
+        log.debug("strict JPEG check failed: %s", exc)
+    return None
+
+
+def _png_damage(data: bytes) -> str | None:
+    """A critical chunk (IHDR, PLTE, IDAT) whose checksum fails, or no chunk where one should be.
+
+    Damaged ancillary chunks (text, colour profile) are ignored, as libpng does; a file that ends
+    without IEND after its image data decoded is left to the decode.
+    """
+    pos = 8  # past the signature
+    while pos + 8 <= len(data):
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        kind = data[pos + 4:pos + 8]
+        if not kind.isalpha():
+            return f"damaged PNG: no valid chunk at byte {pos:,} (part of the picture is garbled or missing)"
+        critical = kind[:1].isupper()
+        end = pos + 12 + length
+        if end > len(data):
+            return (f"damaged PNG: its {kind.decode()} chunk runs past the end of the file"
+                    if critical else None)
+        if critical and zlib.crc32(data[pos + 4:end - 4]) != int.from_bytes(data[end - 4:end], "big"):
+            return (f"damaged PNG: the checksum of its {kind.decode()} chunk does not match "
+                    "(part of the picture is garbled or missing)")
+        if kind == b"IEND":
+            return None
+        pos = end
+    return None
 
 
 def _looks_like_image(path: Path) -> bool:
