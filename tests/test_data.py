@@ -424,6 +424,33 @@ def test_exif_orientation_is_applied(tmp_path, orientation, top, bottom):
     assert_good_intact(result, {"alice": 4, "bob": 3})
 
 
+HEIC = Path(__file__).parent / "data" / "heic"  # written by pillow-heif 1.9 (libheif 1.23, x265)
+
+
+def test_heic_photos_from_phones_are_usable_upright(tmp_path):
+    """photo.heic holds photo(907, (64, 48)); rotated.heic holds write_exif_rotated's 60x30 red |
+    blue picture with EXIF orientation 6, which the encoder turned into HEIF's rotation box, as
+    phones store a photo taken upright. Both decode to upright RGB; damaged copies are named."""
+    root = make_dataset(tmp_path / "ds")
+    for name in ("photo.heic", "rotated.heic"):
+        shutil.copy(HEIC / name, root / "alice" / name)
+    good = (HEIC / "photo.heic").read_bytes()
+    (root / "bob" / "cut.HEIC").write_bytes(good[:1000])
+    (root / "bob" / "header.heic").write_bytes(good[:40] + bytes(160) + good[200:])
+    result = do_scan(root)
+    arr = assert_usable(result, root, "alice/photo.heic", 64, 48)
+    assert np.abs(arr.astype(int) - np.asarray(photo(907, (64, 48))).astype(int)).mean() < 12
+    arr = assert_usable(result, root, "alice/rotated.heic", 30, 60)  # stored 60x30
+    assert np.abs(arr[:25].reshape(-1, 3).mean(0) - (255, 0, 0)).max() < 20
+    assert np.abs(arr[35:].reshape(-1, 3).mean(0) - (0, 0, 255)).max() < 20
+    assert set(result.images.set_index("path").loc[["alice/photo.heic", "alice/rotated.heic"],
+                                                   "format"]) == {"HEIF"}
+    assert reason_of(result, "bob/cut.HEIC").startswith("truncated HEIF: ")
+    assert "\n" not in reason_of(result, "bob/cut.HEIC")  # libheif ends its messages with one
+    assert reason_of(result, "bob/header.heic") == "corrupt HEIF: header unreadable"
+    assert_good_intact(result, {"alice": 5, "bob": 3})
+
+
 def test_palette_and_animated_gif_are_usable_first_frame(tmp_path):
     root = make_dataset(tmp_path / "ds")
     write_palette_gif(root / "alice" / "palette.gif")

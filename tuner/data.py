@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pi_heif
 import simplejpeg
 from PIL import Image, ImageFile, ImageOps, ImageStat
 
@@ -33,6 +34,11 @@ log = logging.getLogger(__name__)
 
 # Never accept a truncated file silently: it is reported instead.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+# Phones save HEIC (every iPhone since 2017 by default): read it through libheif, which applies
+# the stored rotation (pi-heif then sets the EXIF orientation to 1, so nothing rotates twice).
+# Only the primary image is wanted, not thumbnails, depth maps or other auxiliary images.
+# Pillow reads AVIF itself.
+pi_heif.register_heif_opener(thumbnails=False, depth_images=False, aux_images=False)
 # Pillow's own warnings (palette transparency, odd EXIF, large images) would bury the CLI's output;
 # every real problem is reported as a skip reason instead. A module-scoped filter, installed once,
 # because `warnings.catch_warnings()` per image is not thread-safe and the input pipeline decodes
@@ -46,7 +52,8 @@ FACE, NO_FACE = "face", "no_face"
 MIN_IMAGES_PER_CLASS = len(SPLITS)
 # A photo is never this big; reading a stray video or disk image whole would exhaust memory.
 MAX_FILE_BYTES = 512 * 1024 * 1024
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".heic",
+                  ".heif", ".avif"}
 # Leading bytes of the formats people actually put in photo folders, to name what a file that
 # Pillow cannot open was meant to be ("corrupt JPEG" rather than "not an image").
 _MAGIC = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF87a", "GIF"),
@@ -181,7 +188,7 @@ def _decode(data: bytes, max_pixels: int) -> tuple[Image.Image, str, str]:
         img.seek(0)  # the first frame of an animation
         img.load()
     except Exception as exc:  # noqa: BLE001 - any decoder failure means the pixels are unusable
-        raise ValueError(f"{_damage(data, fmt, exc)} {fmt}: {exc}") from None
+        raise ValueError(f"{_damage(data, fmt, exc)} {fmt}: {_one_line(exc)}") from None
     try:
         img = ImageOps.exif_transpose(img)
     except Exception as exc:  # noqa: BLE001 - damaged EXIF: show the pixels as stored, like viewers do
@@ -204,7 +211,25 @@ def _damage(data: bytes, fmt: str, exc: Exception) -> str:
     trailer = _TRAILERS.get(fmt)
     if trailer and data.rstrip(b"\x00").endswith(trailer):
         return "corrupt"
-    return "truncated" if "truncated" in str(exc).lower() else "corrupt"
+    message = str(exc).lower()
+    return "truncated" if "truncated" in message or "end of file" in message else "corrupt"
+
+
+def _one_line(exc: Exception) -> str:
+    """A decoder's message on one line (libheif's end with a line break)."""
+    return " ".join(str(exc).split())
+
+
+def _container_kind(data: bytes) -> str | None:
+    """HEIF or AVIF from the brand of an ISO media file's `ftyp` box, else None."""
+    if data[4:8] != b"ftyp":
+        return None
+    brand = data[8:12]
+    if brand in (b"avif", b"avis"):
+        return "AVIF"
+    if brand in (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"):
+        return "HEIF"
+    return None
 
 
 def _riff_size(data: bytes) -> int | None:
@@ -220,6 +245,7 @@ def _unidentified_reason(data: bytes, exc: Exception) -> str:
     declared = _riff_size(data)
     if kind is None and declared is not None:
         kind = "WEBP"
+    kind = kind or _container_kind(data)
     if kind:
         if _damage(data, kind, exc) == "truncated":
             if declared is not None:  # libwebp reads the whole file when Pillow opens it
