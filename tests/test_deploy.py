@@ -133,6 +133,31 @@ def test_predict_reports_unreadable_images(exported, tmp_path, capsys):
         deploy.predict(result.out_dir, [tmp_path / "missing.jpg"])
 
 
+def test_predict_answers_heic_and_warns_about_damaged_photos(exported, tmp_path, capsys):
+    """A phone's HEIC photo is answered like any other; a JPEG whose last 40% is zeros (an
+    interrupted copy) decodes and is answered as the device would, with the scan's reason as a
+    warning, and the exit code stays 0."""
+    from PIL import Image
+
+    _, result = exported
+    noise = np.random.default_rng(905).integers(0, 256, (96, 96, 3), dtype=np.uint8)
+    damaged = tmp_path / "cut_copy.jpg"
+    Image.fromarray(noise).save(damaged, quality=75)
+    good = damaged.read_bytes()
+    keep = int(len(good) * 0.6)
+    damaged.write_bytes(good[:keep] + bytes(len(good) - keep))
+    heic = Path(__file__).parent / "data" / "heic" / "photo.heic"
+    shutil.copy(heic, tmp_path / "phone.heic")
+    assert cli("predict", result.out_dir / "model_int8.tflite", tmp_path, "--json") == 0
+    out = {Path(r["image"]).name: r for r in json.loads(capsys.readouterr().out)}
+    assert set(out) == {"cut_copy.jpg", "phone.heic"}
+    assert out["phone.heic"]["label"] and "warning" not in out["phone.heic"]
+    assert out["cut_copy.jpg"]["label"]
+    assert out["cut_copy.jpg"]["warning"].startswith("damaged JPEG: part of the picture is garbled")
+    assert cli("predict", result.out_dir / "model_int8.tflite", damaged) == 0
+    assert "\n  warning: damaged JPEG: " in capsys.readouterr().out
+
+
 def test_predict_and_evaluate_give_one_line_errors_for_broken_models(exported, tmp_path,
                                                                      sample_dir):
     _, result = exported

@@ -30,6 +30,16 @@ def _add_scan_flags(p: argparse.ArgumentParser) -> None:
                    help="perceptual-hash distance (0-64) at which two images count as near-duplicates")
 
 
+def _add_split_flags(p: argparse.ArgumentParser, seed: bool) -> None:
+    p.add_argument("--val-fraction", type=float, default=0.16, metavar="F",
+                   help="share of the photos for validation, where trials are compared "
+                        "(default 0.16)")
+    p.add_argument("--test-fraction", type=float, default=0.20, metavar="F",
+                   help="share of the photos held out for the final report (default 0.20)")
+    if seed:
+        p.add_argument("--seed", type=int, default=42, help="seed of the split (default 42)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="personclf-tune",
@@ -47,9 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the summary as JSON")
     p.add_argument("--split", type=Path, metavar="FILE",
                    help="also write a train/val/test split.csv to FILE")
-    p.add_argument("--val-fraction", type=float, default=0.16)
-    p.add_argument("--test-fraction", type=float, default=0.20)
-    p.add_argument("--seed", type=int, default=42)
+    _add_split_flags(p, seed=True)
     p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("search", help="run a hyperparameter search (the default command)")
@@ -58,18 +66,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, default=40, help="trials to finish (default 40)")
     p.add_argument("--space", default="default", metavar="FILE",
                    help="search-space YAML, or the name of one in search_spaces/ "
-                        "(default, edge, cpu-quick)")
+                        "(default, edge, cpu-quick, quickstart)")
     p.add_argument("--backbones", default="", metavar="A,B",
                    help="restrict the space to these backbones")
     p.add_argument("--engine", choices=("optuna", "random", "bayesian", "hyperband"),
-                   default="optuna")
+                   default="optuna",
+                   help="optuna: TPE with pruning, resumable, many workers (default); the "
+                        "others are KerasTuner's oracles")
     p.add_argument("--output", type=Path, metavar="RUN",
                    help="run directory (default: a new results/run-NNN); rerun to resume")
     p.add_argument("--storage", metavar="URL",
                    help="Optuna storage (e.g. postgresql://...); default: a journal file in RUN")
-    p.add_argument("--study-name", metavar="NAME")
+    p.add_argument("--study-name", metavar="NAME",
+                   help="the study's name in --storage (default personclf)")
     p.add_argument("--objective", default="val_balanced_accuracy",
-                   choices=("val_balanced_accuracy", "val_accuracy", "val_macro_f1"))
+                   choices=("val_balanced_accuracy", "val_accuracy", "val_macro_f1"),
+                   help="what trials are ranked by, on validation (default "
+                        "val_balanced_accuracy: every person counts alike)")
     p.add_argument("--no-pruning", action="store_true", help="never stop a trial early")
     p.add_argument("--no-retrain", action="store_true",
                    help="skip retraining and testing the best trial (and its export)")
@@ -93,15 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "stage 2 through the whole model")
     _add_training_flags(p)
     _add_scan_flags(p)
-    p.add_argument("--val-fraction", type=float, default=0.16)
-    p.add_argument("--test-fraction", type=float, default=0.20)
+    _add_split_flags(p, seed=False)  # --seed is a training flag there
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("report", help="regenerate and print the tables and plots of a run")
     p.add_argument("run_dir", type=Path, nargs="?", default=None, metavar="RUN")
     p.add_argument("--storage", metavar="URL",
                    help="read the study from this storage (from any machine; no RUN needed)")
-    p.add_argument("--study-name", metavar="NAME")
+    p.add_argument("--study-name", metavar="NAME",
+                   help="the study's name in --storage (default personclf)")
     p.add_argument("--output", type=Path, metavar="DIR",
                    help="where to write the tables and plots (default: RUN, or "
                         "results/<study name> with --storage alone)")
@@ -110,8 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="run a saved model on a folder dataset and report it")
     p.add_argument("model", type=Path, help="RUN/best or RUN/best/model.keras")
     p.add_argument("--data", type=Path, required=True, metavar="DIR")
-    p.add_argument("--no-face-policy", choices=("member", "unknown", "skip"), default="member")
-    p.add_argument("--json", type=Path, metavar="FILE")
+    p.add_argument("--no-face-policy", choices=("member", "unknown", "skip"), default="member",
+                   help="label of the photos in folders nested inside a person's folder, as "
+                        "in `search` (default member)")
+    p.add_argument("--json", type=Path, metavar="FILE", help="also write the report as JSON")
     p.set_defaults(func=cmd_evaluate)
 
     from . import deploy, export
@@ -131,14 +146,19 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
                    help="epoch limit of each stage (default 10); early stopping ends sooner")
     p.add_argument("--max-epochs-stage2", type=int, metavar="N",
                    help="epoch limit of stage 2 (default: --max-epochs; 0 skips it)")
-    p.add_argument("--patience", type=int, default=3)
+    p.add_argument("--patience", type=int, default=3, metavar="N",
+                   help="stop a stage after N epochs without a better validation score "
+                        "(default 3)")
     p.add_argument("--stage2-warmup-epochs", type=int, default=FitConfig.warmup_epochs_stage2,
                    metavar="N", dest="warmup_epochs_stage2",
                    help="stage 2's learning rate rises linearly from 0 over N epochs "
                         f"(default {FitConfig.warmup_epochs_stage2}; 0: full rate from the start)")
     p.add_argument("--class-weight", choices=("balanced", "max_over_count", "none"),
-                   default="balanced")
-    p.add_argument("--seed", type=int, default=42)
+                   default="balanced",
+                   help="loss weight of each person's photos: scikit-learn's balanced "
+                        "(default), the origin's max/count, or none")
+    p.add_argument("--seed", type=int, default=42,
+                   help="seed of the split, the sampler and training (default 42)")
     p.add_argument("--augment-views", "--cache-views", type=int, default=4, metavar="K",
                    dest="augment_views",
                    help="augmented copies of each training image, cycled over the epochs "

@@ -482,7 +482,7 @@ def _inspect(path: Path, root: Path, config: ScanConfig, skip) -> dict | None:
     except Exception as exc:  # noqa: BLE001 - a decoder bug must not end the scan
         skip(path, f"cannot decode: {type(exc).__name__}: {exc}")
         return None
-    damage = hidden_damage(data, fmt)
+    damage = hidden_damage(data)
     if damage:
         skip(path, damage)
         return None
@@ -502,17 +502,17 @@ def _inspect(path: Path, root: Path, config: ScanConfig, skip) -> dict | None:
     }
 
 
-def hidden_damage(data: bytes, fmt: str) -> str | None:
-    """Why a JPEG or PNG that Pillow decoded is still damaged, or None.
+def hidden_damage(data: bytes) -> str | None:
+    """Why a JPEG or PNG that Pillow decoded is still damaged, or None (other formats: None).
 
     Pillow fills in what damaged data lacks without a word: libjpeg's warnings go unreported, so
     a JPEG with a run of zeroed bytes decodes with a third of its picture garbled, and a PNG whose
     image data was zeroed loads with black rows. Such a photo would train as the person. Strict
     libjpeg-turbo (simplejpeg) and PNG's chunk checksums catch what the decode does not.
     """
-    if fmt == "JPEG":
+    if data.startswith(b"\xff\xd8\xff"):
         return _jpeg_damage(data)
-    if fmt == "PNG":
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
         return _png_damage(data)
     return None
 

@@ -69,8 +69,10 @@ def predict(model: Path, inputs, fmt: str | None = None) -> list[dict]:
     `model` is a model file (.keras, .tflite), a SavedModel folder, or a folder with a
     manifest (RUN/export, RUN/best, a device's `current`), from which `fmt` (default: the
     first of int8, tflite, keras, savedmodel present) is taken. Images are decoded exactly as
-    in training (`pipeline.load_image`). An image that cannot be read gets an `error` entry.
+    in training (`pipeline.load_image`). An image that cannot be read gets an `error` entry;
+    one that decodes but is damaged (`data.hidden_damage`) gets its answer and a `warning`.
     """
+    from .data import hidden_damage, read_bytes
     from .export import open_model
     from .pipeline import load_image
 
@@ -113,6 +115,9 @@ def predict(model: Path, inputs, fmt: str | None = None) -> list[dict]:
             "format": runner.format,
             "probabilities": {c: float(p) for c, p in zip(classes, probs)},
         })
+        # Answered as the device would, but a search's scan would have skipped this photo.
+        if damage := hidden_damage(read_bytes(image)):
+            results[-1]["warning"] = damage
     return results
 
 
@@ -666,13 +671,13 @@ def add_cli(subparsers) -> None:
     p.add_argument("--force", action="store_true",
                    help="promote even when worse than the current release (champion gate)")
     p.add_argument("--ssh-option", action="append", default=[], metavar="OPT", help=ssh_help)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the result as JSON for scripts")
     p.set_defaults(func=cmd_promote)
 
     p = subparsers.add_parser("rollback", help="switch a device back to its previous release")
     p.add_argument("--to", required=True, metavar="DEST", help="a folder or [user@]host:/path")
     p.add_argument("--ssh-option", action="append", default=[], metavar="OPT", help=ssh_help)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the result as JSON for scripts")
     p.set_defaults(func=cmd_rollback)
 
 
@@ -689,6 +694,8 @@ def cmd_predict(args) -> int:
                       f"{r['probability']:.3f} < threshold {r['threshold']:.3f})")
             else:
                 print(f"{r['image']}: {r['label']} {r['probability']:.3f}")
+            if "warning" in r:
+                print(f"  warning: {r['warning']}")
     return 1 if any("error" in r for r in results) else 0
 
 
