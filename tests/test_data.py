@@ -1090,6 +1090,26 @@ def test_a_lower_case_unknown_folder_is_pointed_out(tmp_path):
     assert "is trained as a person" not in format_scan_report(do_scan(root, unknown_name="unknown"))
 
 
+def test_folders_whose_names_differ_only_in_case_or_unicode_form_are_pointed_out(tmp_path):
+    """"Alice" beside "alice", and "José" composed (as typed on Linux) beside "José"
+    decomposed (as a Mac writes it): each pair trains as two people unless merged."""
+    composed, decomposed = "Jos\u00e9", "Jose\u0301"
+    root = make_dataset(tmp_path / "ds", classes=("alice", "Alice", composed, decomposed, "bob",
+                                                  "Unknown"), per_class=3)
+    if len(list(root.iterdir())) < 6:
+        pytest.skip("this filesystem folds case or Unicode forms: those folders are one")
+    result = do_scan(root)
+    assert sorted(map(sorted, result.similar_classes())) == [
+        sorted(["Alice", "alice"]), sorted([composed, decomposed])]
+    assert len(result.classes) == 6  # nothing is merged behind the user's back
+    report = format_scan_report(result)
+    assert "note: folders 'Alice', 'alice' differ only in case, spaces or punctuation: if they " \
+           "are one person, merge them" in report
+    assert "note: folders 'Jose\\u0301', 'Jos\\xe9' are the same name in two Unicode forms" in report
+    assert result.summary()["similar_classes"] == result.similar_classes()
+    assert do_scan(make_dataset(tmp_path / "ok")).similar_classes() == []
+
+
 def test_a_group_shared_by_two_classes_does_not_cost_a_class_its_test_split():
     # Carol has three groups, one of them shared with Bob (a near-duplicate across folders).
     # Dealt greedily, the shared group counts a third for Carol, and in 134 of these 300

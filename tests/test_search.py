@@ -616,6 +616,41 @@ def test_surplus_trial_steps_back(tmp_path, monkeypatch):
     assert trials[1].system_attrs["fail_reason"] == "surplus"
 
 
+def test_a_search_reports_the_files_it_leaves_out_and_writes_its_scan(sample_dir, tmp_path,
+                                                                     caplog):
+    """A search scans as `data` does, so it says which files it leaves out and why (the first
+    ten, the rest in RUN/scan.json) and notes folder names that look like a mistake. A worker of
+    `--workers K` says nothing: its parent did. No training: only the run's preparation."""
+    from tuner.config import SearchConfig
+    from tuner.search import prepare
+
+    data, space = tiny_search_dir(tmp_path, sample_dir, PEOPLE, PER_CLASS)
+    first = sorted((data / PEOPLE[0]).iterdir())[0]
+    (data / PEOPLE[0] / "cut.jpg").write_bytes(first.read_bytes()[:600])
+    for i in range(11):
+        (data / "Unknown" / f"notes_{i:02d}.jpg").write_text("not a photo\n")
+    alike = data / PEOPLE[1].lower().replace("_", " ")  # the same person's other photos
+    alike.mkdir()
+    for photo in sorted((sample_dir / PEOPLE[1]).iterdir())[PER_CLASS:PER_CLASS + 3]:
+        shutil.copy(photo, alike)
+    run = tmp_path / "RUN"
+    config = SearchConfig(data_dir=data, run_dir=run, trials=1, space=space)
+    with caplog.at_level("WARNING", logger="tuner.search"):
+        prepare(config, report=False)
+    assert caplog.records == [] and not (run / "scan.json").exists()
+    with caplog.at_level("WARNING", logger="tuner.search"):
+        prepare(config)
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert f"12 file(s) in {data} left out:" in text
+    assert f"  {PEOPLE[0]}/cut.jpg: truncated JPEG" in text
+    assert "  Unknown/notes_00.jpg: not an image: text file, though named .jpg" in text
+    assert f"  ... and 2 more in {run / 'scan.json'}" in text
+    assert f"note: folders '{PEOPLE[1]}', '{PEOPLE[1].lower().replace('_', ' ')}' differ only " \
+           "in case, spaces or punctuation" in text
+    scanned = json.loads((run / "scan.json").read_text())
+    assert len(scanned["skipped"]) == 12 and scanned["similar_classes"]
+
+
 def test_a_trial_failed_by_another_worker_is_dropped_not_fatal(tmp_path, monkeypatch):
     """Another worker failed our trial (we missed the grace period): its late result is dropped."""
     from optuna.exceptions import UpdateFinishedTrialError

@@ -14,7 +14,9 @@ import io
 import json
 import logging
 import os
+import re
 import stat
+import unicodedata
 import warnings
 import zlib
 from collections import Counter
@@ -103,6 +105,16 @@ class ScanResult:
             h.update(f"{row.path}\0{row.sha256}\0{row.label}\n".encode())
         return h.hexdigest()[:16]
 
+    def similar_classes(self) -> list[list[str]]:
+        """Class folders whose names differ only in case, spaces, dashes, dots, underscores or
+        Unicode form ("alice" and "Alice"; "José" typed on Linux and copied from a Mac, which
+        writes names decomposed): most likely one person split into two classes."""
+        groups: dict[str, list[str]] = {}
+        for label in self.classes:
+            key = re.sub(r"[\s_.\-]+", " ", unicodedata.normalize("NFKC", label).casefold()).strip()
+            groups.setdefault(key, []).append(label)
+        return [names for names in groups.values() if len(names) > 1]
+
     def summary(self) -> dict:
         """The machine-readable form (`personclf-tune data --json`)."""
         counts = self.counts()
@@ -119,6 +131,7 @@ class ScanResult:
             "duplicates": self.duplicates,
             "near_duplicates": self.near_duplicates,
             "empty_classes": self.empty_classes,
+            "similar_classes": self.similar_classes(),
             "excluded_no_face": self.excluded_no_face,
             "fingerprint": self.fingerprint(),
         }
@@ -811,6 +824,39 @@ def split_table(df: pd.DataFrame) -> pd.DataFrame:
     return table.reindex(columns=[s for s in SPLITS if s in table.columns])
 
 
+def scan_notes(result: ScanResult) -> list[str]:
+    """The "note:" lines: folder names that are probably a mistake. A search logs them too."""
+    lines = []
+    classes, unknown = result.classes, result.config.unknown_name
+    if unknown not in classes:
+        lines.append(f"note: no {unknown}/ folder: the model will not learn to say 'unknown' "
+                     "except through its threshold")
+        near = [c for c in classes if c.lower() == unknown.lower()]
+        if near:
+            lines.append(f"note: {near[0]}/ is trained as a person; rename it {unknown}/ or pass "
+                         f"--unknown-name {near[0]}")
+    for names in result.similar_classes():
+        same_text = len({unicodedata.normalize("NFC", n) for n in names}) == 1
+        how = ("are the same name in two Unicode forms (macOS writes names decomposed)"
+               if same_text else "differ only in case, spaces or punctuation")
+        shown = ", ".join(ascii(n) if same_text else repr(n) for n in names)
+        lines.append(f"note: folders {shown} {how}: if they are one person, merge them into one "
+                     "folder, or each counts as a different person")
+    return lines
+
+
+def skipped_text(result: ScanResult, full_list: str, max_rows: int = 10) -> str | None:
+    """Why files were left out, in a few lines, for the start of a search (`data` prints all;
+    `full_list` says where the rest are)."""
+    if not result.skipped:
+        return None
+    lines = [f"{len(result.skipped)} file(s) in {result.config.data_dir} left out:"]
+    lines += [f"  {s['path']}: {s['reason']}" for s in result.skipped[:max_rows]]
+    if len(result.skipped) > max_rows:
+        lines.append(f"  ... and {len(result.skipped) - max_rows} more in {full_list}")
+    return "\n".join(lines)
+
+
 def format_scan_report(result: ScanResult, max_rows: int = 200) -> str:
     """The human report of `personclf-tune data`: counts, imbalance, weights, problems."""
     from tabulate import tabulate
@@ -830,13 +876,7 @@ def format_scan_report(result: ScanResult, max_rows: int = 200) -> str:
                  f"{ratio:.1f} (largest/smallest)" if ratio else f"{total} usable images")
     if result.excluded_no_face:
         lines.append(f"{result.excluded_no_face} no-face images left out (--no-face-policy skip)")
-    if result.config.unknown_name not in counts:
-        lines.append(f"note: no {result.config.unknown_name}/ folder: the model will not learn to "
-                     "say 'unknown' except through its threshold")
-        near = [c for c in counts if c.lower() == result.config.unknown_name.lower()]
-        if near:
-            lines.append(f"note: {near[0]}/ is trained as a person; rename it "
-                         f"{result.config.unknown_name}/ or pass --unknown-name {near[0]}")
+    lines += scan_notes(result)
     if result.skipped:
         lines += ["", f"Skipped files ({len(result.skipped)}):",
                   tabulate([[s["path"], s["reason"]] for s in result.skipped[:max_rows]],

@@ -27,7 +27,7 @@ from typing import Callable
 import pandas as pd
 
 from .config import SearchConfig, TrialParams
-from .data import load_or_make_split, scan, write_json
+from .data import load_or_make_split, scan, scan_notes, skipped_text, write_json
 from .errors import TunerError, UsageError
 from .pipeline import ImageCache
 from .pruning import PruningRule, optuna_pruner
@@ -66,8 +66,12 @@ def next_run_dir(results: Path = Path("results"), prefix: str = "run") -> Path:
     return results / f"{prefix}-{max(taken, default=0) + 1:03d}"
 
 
-def prepare(config: SearchConfig) -> Run:
-    """Create or reopen the run directory; scan, split (reusing split.csv) and load the space."""
+def prepare(config: SearchConfig, report: bool = True) -> Run:
+    """Create or reopen the run directory; scan, split (reusing split.csv) and load the space.
+
+    `report`: write the scan to RUN/scan.json and log the files left out and the notes on
+    folder names (the search's only word on them); workers leave that to their parent.
+    """
     from .trial import TrialData
 
     root = config.run_dir
@@ -79,6 +83,11 @@ def prepare(config: SearchConfig) -> Run:
     if not (root / "split.csv").exists():
         scanned.validate()  # likewise a dataset that cannot be split
     _check_config(config, root / "config.json")
+    if report:
+        write_json(scanned.summary(), root / "scan.json")
+        for line in [skipped_text(scanned, str(root / "scan.json"))] + scan_notes(scanned):
+            if line:
+                log.warning("%s", line)
     split_df = load_or_make_split(scanned, config.split, root / "split.csv")
     classes = sorted(split_df["label"].unique().tolist())
     cache = ImageCache(config.data_dir, root / "cache", enabled=config.fast)
@@ -627,7 +636,7 @@ def run_search(config: SearchConfig, on_trial: Callable[[dict], None] | None = N
 
     freeze_imports()
     with contextlib.nullcontext() if worker else RunLock(config.run_dir):
-        run = prepare(config)
+        run = prepare(config, report=not worker)
         try:
             if config.engine == "optuna":
                 state = run_optuna(run, on_trial, wait_for_others=True)
