@@ -34,8 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 PEOPLE = ("Colin_Powell", "Donald_Rumsfeld")
 PER_CLASS = 12
 STUDY = "personclf"
-FILES = ("config.json", "split.csv", "study.journal", "cache", "trials.csv", "leaderboard.md",
-         "backbones.md", "history.png", "importances.png")
+FILES = ("config.json", "scan.json", "split.csv", "study.journal", "cache", "trials.csv",
+         "leaderboard.md", "backbones.md", "history.png", "importances.png")
 BEST_FILES = ("model.keras", "manifest.json", "labels.txt", "test_report.json",
               "test_report.txt", "confusion_matrix.png")
 
