@@ -446,6 +446,34 @@ def test_heic_photos_from_phones_are_usable_upright(tmp_path):
     assert_good_intact(result, {"alice": 5, "bob": 3})
 
 
+def test_large_photos_decode_at_reduced_scale_but_keep_their_full_size(tmp_path):
+    """A phone-sized JPEG is decoded by the scan at a quarter of its size (>= 512 px) and for a
+    96 px model at an eighth, yet the scan records its full upright size, the pixels match a
+    full decode and resize, and damage is still found. Under twice the size nothing changes."""
+    from tuner.pipeline import load_image
+
+    root = make_dataset(tmp_path / "ds")
+    big = photo(908, (2400, 1800))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    big.save(root / "alice" / "phone.jpg", quality=90, exif=exif.tobytes())
+    full = jpeg_bytes(big, quality=90)
+    (root / "bob" / "cut.jpg").write_bytes(full[:len(full) // 2])
+    result = do_scan(root)
+    row = result.images.set_index("path").loc["alice/phone.jpg"]
+    assert (row["width"], row["height"]) == (1800, 2400)  # upright, full size
+    assert reason_of(result, "bob/cut.jpg").startswith("truncated JPEG")
+    assert_good_intact(result, {"alice": 4, "bob": 3})
+
+    fast = load_image(root / "alice" / "phone.jpg", 96)
+    slow = np.asarray(open_rgb((root / "alice" / "phone.jpg").read_bytes())
+                      .resize((96, 96), Image.Resampling.BILINEAR))
+    assert fast.shape == (96, 96, 3)
+    assert np.abs(fast.astype(int) - slow.astype(int)).mean() < 1  # same picture, upright
+    small = jpeg_bytes(photo(909, (150, 150)))
+    assert np.array_equal(np.asarray(open_rgb(small, at_least=96)), np.asarray(open_rgb(small)))
+
+
 def test_palette_and_animated_gif_are_usable_first_frame(tmp_path):
     root = make_dataset(tmp_path / "ds")
     write_palette_gif(root / "alice" / "palette.gif")

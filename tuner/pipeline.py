@@ -36,7 +36,7 @@ def load_image(path: Path | str, size: int, scanned: bool = True) -> np.ndarray:
     `scanned`: the image passed a dataset scan, so a failure means it changed since.
     """
     try:
-        img = open_rgb(read_bytes(Path(path)))
+        img = open_rgb(read_bytes(Path(path)), at_least=size)
     except (OSError, ValueError) as exc:
         if not scanned:
             raise DatasetError(f"{path}: cannot be decoded ({exc})") from None
