@@ -522,6 +522,8 @@ def test_non_image_files_are_skipped(tmp_path):
     (root / "bob" / "Thumbs.db").write_bytes(bytes.fromhex("d0cf11e0a1b11ae1") + bytes(504))
     (root / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
     (root / "bob" / "notes.bin").write_bytes(bytes(range(256)) * 4)
+    # The first box of a QuickTime movie, as an iPhone writes IMG_0001.MOV beside IMG_0001.HEIC
+    (root / "alice" / "IMG_0001.MOV").write_bytes(b"\x00\x00\x00\x14ftypqt  " + bytes(500))
     result = do_scan(root)
     assert reason_of(result, "README.md") == "not inside a class folder"
     assert reason_of(result, "alice/README.md").startswith("not an image: text file")
@@ -529,6 +531,8 @@ def test_non_image_files_are_skipped(tmp_path):
     assert reason_of(result, "bob/Thumbs.db") == "system file ignored"
     assert reason_of(result, ".DS_Store") == "system file ignored"
     assert reason_of(result, "bob/notes.bin") == "not an image: unrecognised format"
+    assert reason_of(result, "alice/IMG_0001.MOV") == \
+        "not an image: a video (a phone keeps one beside each Live Photo)"
     assert_good_intact(result)
 
 

@@ -281,6 +281,8 @@ def _unidentified_reason(data: bytes, exc: Exception) -> str:
                 return f"truncated {kind}: {len(data):,} of the {declared:,} bytes its header declares"
             return f"truncated {kind}: file ends inside its header"
         return f"corrupt {kind}: header unreadable"
+    if data[4:8] == b"ftyp" or (data[:4] == b"RIFF" and data[8:12] == b"AVI "):
+        return "not an image: a video (a phone keeps one beside each Live Photo)"
     head = data[:1024]
     printable = sum(32 <= c < 127 or c in (9, 10, 13) or c >= 128 for c in head)
     if head and b"\x00" not in head and printable / len(head) > 0.95:
