@@ -617,10 +617,12 @@ def test_surplus_trial_steps_back(tmp_path, monkeypatch):
 
 
 def test_a_search_reports_the_files_it_leaves_out_and_writes_its_scan(sample_dir, tmp_path,
-                                                                     caplog):
+                                                                     caplog, monkeypatch):
     """A search scans as `data` does, so it says which files it leaves out and why (the first
     ten, the rest in RUN/scan.json) and notes folder names that look like a mistake. A worker of
-    `--workers K` says nothing: its parent did. No training: only the run's preparation."""
+    `--workers K` says nothing: its parent did, and once the parent has split the data the
+    worker does not scan again. No training: only the run's preparation."""
+    import tuner.search
     from tuner.config import SearchConfig
     from tuner.search import prepare
 
@@ -649,6 +651,15 @@ def test_a_search_reports_the_files_it_leaves_out_and_writes_its_scan(sample_dir
            "in case, spaces or punctuation" in text
     scanned = json.loads((run / "scan.json").read_text())
     assert len(scanned["skipped"]) == 12 and scanned["similar_classes"]
+
+    def no_scan(config):
+        raise AssertionError("a worker scanned the dataset again")
+
+    monkeypatch.setattr(tuner.search, "scan", no_scan)
+    worker = prepare(config, report=False)
+    saved = pd.read_csv(run / "split.csv")
+    assert sorted(zip(worker.data.split["path"], worker.data.split["split"])) == \
+        sorted(zip(saved["path"], saved["split"]))
 
 
 def test_a_trial_failed_by_another_worker_is_dropped_not_fatal(tmp_path, monkeypatch):

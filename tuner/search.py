@@ -27,7 +27,8 @@ from typing import Callable
 import pandas as pd
 
 from .config import SearchConfig, TrialParams
-from .data import load_or_make_split, scan, scan_notes, skipped_text, write_json
+from .data import (load_or_make_split, read_split, scan, scan_notes, skipped_text,
+                   write_json)
 from .errors import TunerError, UsageError
 from .pipeline import ImageCache
 from .pruning import PruningRule, optuna_pruner
@@ -70,25 +71,31 @@ def prepare(config: SearchConfig, report: bool = True) -> Run:
     """Create or reopen the run directory; scan, split (reusing split.csv) and load the space.
 
     `report`: write the scan to RUN/scan.json and log the files left out and the notes on
-    folder names (the search's only word on them); workers leave that to their parent.
+    folder names (the search's only word on them). Workers leave that to their parent, and
+    skip the scan once it has written split.csv: a folder of phone photos takes minutes.
     """
     from .trial import TrialData
 
     root = config.run_dir
     root.mkdir(parents=True, exist_ok=True)
+    split_path = root / "split.csv"
     # Validate the space and the dataset before config.json is written: a refused start must
     # leave no config behind, or the corrected command would be refused as "different settings".
     space = load_space(config.space, list(config.backbones) or None)
-    scanned = scan(config.scan)
-    if not (root / "split.csv").exists():
-        scanned.validate()  # likewise a dataset that cannot be split
-    _check_config(config, root / "config.json")
-    if report:
-        write_json(scanned.summary(), root / "scan.json")
-        for line in [skipped_text(scanned, str(root / "scan.json"))] + scan_notes(scanned):
-            if line:
-                log.warning("%s", line)
-    split_df = load_or_make_split(scanned, config.split, root / "split.csv")
+    if not report and split_path.exists():
+        _check_config(config, root / "config.json")
+        split_df = read_split(split_path, config.data_dir)
+    else:
+        scanned = scan(config.scan)
+        if not split_path.exists():
+            scanned.validate()  # likewise a dataset that cannot be split
+        _check_config(config, root / "config.json")
+        if report:
+            write_json(scanned.summary(), root / "scan.json")
+            for line in [skipped_text(scanned, str(root / "scan.json"))] + scan_notes(scanned):
+                if line:
+                    log.warning("%s", line)
+        split_df = load_or_make_split(scanned, config.split, split_path)
     classes = sorted(split_df["label"].unique().tolist())
     cache = ImageCache(config.data_dir, root / "cache", enabled=config.fast)
     features = None
