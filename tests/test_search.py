@@ -208,11 +208,14 @@ def test_end_to_end(work, optuna_run, sample_dir, tmp_path, capsys):
     stranger = "Tony_Blair"
     eval_dir = copy_people(sample_dir, tmp_path / "eval", (*PEOPLE, stranger), 4)
     copy_people(sample_dir, eval_dir, ("Unknown",), 3)
+    (eval_dir / stranger / "notes.jpg").write_text("not a photo\n")
     out = tmp_path / "eval.json"
     assert cli.main(["evaluate", str(run / "best"), "--data", str(eval_dir),
                      "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert printed.startswith(f"{eval_dir}: {3 * 4 + 3} images")  # not "Test split"
+    assert f"1 file(s) in {eval_dir} left out:\n  {stranger}/notes.jpg: not an image: text " \
+           "file" in printed
     assert f"1 folder(s) of people the model does not know ({stranger}): their 4 photos" in printed
     assert "none of the model's people" not in printed  # they are there
     ev = json.loads(out.read_text())

@@ -318,11 +318,15 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .best import evaluate_model
-    from .data import write_json
+    from .data import skipped_text, write_json
     from .report import format_evaluation
 
     evaluation = evaluate_model(args.model, args.data, args.no_face_policy)
     print(format_evaluation(evaluation, title=str(args.data)))
+    left_out = skipped_text(evaluation["skipped"], args.data, str(args.json or
+                                                                 f"`personclf-tune data {args.data}`"))
+    if left_out:
+        print("\n" + left_out)
     if args.json:
         write_json({k: v for k, v in evaluation.items() if k != "report_text"}, args.json)
         print(f"\nwrote {args.json}")

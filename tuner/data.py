@@ -886,15 +886,16 @@ def scan_notes(result: ScanResult) -> list[str]:
     return lines
 
 
-def skipped_text(result: ScanResult, full_list: str, max_rows: int = 10) -> str | None:
-    """Why files were left out, in a few lines, for the start of a search (`data` prints all;
-    `full_list` says where the rest are)."""
-    if not result.skipped:
+def skipped_text(skipped: list[dict], data_dir: Path, full_list: str,
+                 max_rows: int = 10) -> str | None:
+    """Why files were left out (a scan's `skipped`), in a few lines, for a search or `evaluate`
+    (`data` prints all; `full_list` says where the rest are)."""
+    if not skipped:
         return None
-    lines = [f"{len(result.skipped)} file(s) in {result.config.data_dir} left out:"]
-    lines += [f"  {s['path']}: {s['reason']}" for s in result.skipped[:max_rows]]
-    if len(result.skipped) > max_rows:
-        lines.append(f"  ... and {len(result.skipped) - max_rows} more in {full_list}")
+    lines = [f"{len(skipped)} file(s) in {data_dir} left out:"]
+    lines += [f"  {s['path']}: {s['reason']}" for s in skipped[:max_rows]]
+    if len(skipped) > max_rows:
+        lines.append(f"  ... and {len(skipped) - max_rows} more in {full_list}")
     return "\n".join(lines)
 
 

@@ -92,7 +92,8 @@ def prepare(config: SearchConfig, report: bool = True) -> Run:
         _check_config(config, root / "config.json")
         if report:
             write_json(scanned.summary(), root / "scan.json")
-            for line in [skipped_text(scanned, str(root / "scan.json"))] + scan_notes(scanned):
+            left_out = skipped_text(scanned.skipped, config.data_dir, str(root / "scan.json"))
+            for line in [left_out] + scan_notes(scanned):
                 if line:
                     log.warning("%s", line)
         split_df = load_or_make_split(scanned, config.split, split_path)
