@@ -422,7 +422,7 @@ def test_exif_orientation_is_applied(tmp_path, orientation, top, bottom):
 HEIC = Path(__file__).parent / "data" / "heic"  # written by pillow-heif 1.9 (libheif 1.23, x265)
 
 
-def test_heic_photos_from_phones_are_usable_upright(tmp_path):
+def test_heic_photos_from_phones_are_usable_upright(tmp_path, monkeypatch):
     """photo.heic holds photo(907, (64, 48)); rotated.heic holds write_exif_rotated's 60x30 red |
     blue picture with EXIF orientation 6, which the encoder turned into HEIF's rotation box, as
     phones store a photo taken upright. Both decode to upright RGB; damaged copies are named."""
@@ -444,6 +444,10 @@ def test_heic_photos_from_phones_are_usable_upright(tmp_path):
     assert "\n" not in reason_of(result, "bob/cut.HEIC")  # libheif ends its messages with one
     assert reason_of(result, "bob/header.heic") == "corrupt HEIF: header unreadable"
     assert_good_intact(result, {"alice": 5, "bob": 3})
+    # Where pi-heif failed to import, Pillow cannot open the file, and the reason says why.
+    monkeypatch.setattr(data, "HEIF_READER", False)
+    assert data._unidentified_reason(good, OSError("cannot identify image file")) == \
+        "HEIF photo: cannot be read without pi-heif (pip install pi-heif)"
 
 
 def test_large_photos_decode_at_reduced_scale_but_keep_their_full_size(tmp_path):

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pi_heif
 import simplejpeg
 from PIL import Image, ImageFile, ImageOps, ImageStat
 
@@ -42,7 +41,13 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 # the stored rotation (pi-heif then sets the EXIF orientation to 1, so nothing rotates twice).
 # Only the primary image is wanted, not thumbnails, depth maps or other auxiliary images.
 # Pillow reads AVIF itself.
-pi_heif.register_heif_opener(thumbnails=False, depth_images=False, aux_images=False)
+try:
+    import pi_heif
+
+    pi_heif.register_heif_opener(thumbnails=False, depth_images=False, aux_images=False)
+    HEIF_READER = True
+except ImportError:  # a dependency, but a broken install must not stop every command
+    HEIF_READER = False
 # Pillow's own warnings (palette transparency, odd EXIF, large images) would bury the CLI's output;
 # every real problem is reported as a skip reason instead. A module-scoped filter, installed once,
 # because `warnings.catch_warnings()` per image is not thread-safe and the input pipeline decodes
@@ -276,6 +281,8 @@ def _unidentified_reason(data: bytes, exc: Exception) -> str:
     if kind is None and declared is not None:
         kind = "WEBP"
     kind = kind or _container_kind(data)
+    if kind == "HEIF" and not HEIF_READER:
+        return "HEIF photo: cannot be read without pi-heif (pip install pi-heif)"
     if kind:
         if _damage(data, kind, exc) == "truncated":
             if declared is not None:  # libwebp reads the whole file when Pillow opens it
