@@ -606,7 +606,7 @@ def _png_damage(data: bytes) -> str | None:
         kind = data[pos + 4:pos + 8]
         if not kind.isalpha():
             return f"damaged PNG: no valid chunk at byte {pos:,} (part of the picture is garbled or missing)"
-        critical = kind[:1].isupper()
+        critical = kind[:1].isupper() and kind != b"IEND"  # a cut IEND leaves the picture whole
         end = pos + 12 + length
         if end > len(data):
             return (f"damaged PNG: its {kind.decode()} chunk runs past the end of the file"
