@@ -526,6 +526,8 @@ def test_non_image_files_are_skipped(tmp_path):
     (root / "bob" / "Thumbs.db").write_bytes(bytes.fromhex("d0cf11e0a1b11ae1") + bytes(504))
     (root / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
     (root / "bob" / "notes.bin").write_bytes(bytes(range(256)) * 4)
+    # A RAW file is TIFF inside, which Pillow opens: only its preview would be used.
+    photo(910, (40, 30)).save(root / "bob" / "DSC_0001.NEF", "TIFF")
     # The first box of a QuickTime movie, as an iPhone writes IMG_0001.MOV beside IMG_0001.HEIC
     (root / "alice" / "IMG_0001.MOV").write_bytes(b"\x00\x00\x00\x14ftypqt  " + bytes(500))
     result = do_scan(root)
@@ -535,6 +537,7 @@ def test_non_image_files_are_skipped(tmp_path):
     assert reason_of(result, "bob/Thumbs.db") == "system file ignored"
     assert reason_of(result, ".DS_Store") == "system file ignored"
     assert reason_of(result, "bob/notes.bin") == "not an image: unrecognised format"
+    assert reason_of(result, "bob/DSC_0001.NEF").startswith("camera RAW file: only its small")
     assert reason_of(result, "alice/IMG_0001.MOV") == \
         "not an image: a video (a phone keeps one beside each Live Photo)"
     assert_good_intact(result)

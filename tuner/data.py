@@ -63,6 +63,10 @@ MIN_IMAGES_PER_CLASS = len(SPLITS)
 MAX_FILE_BYTES = 512 * 1024 * 1024
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".heic",
                   ".heif", ".avif"}
+# Camera RAW files are TIFF inside: Pillow would read only an embedded preview (a 160x120
+# thumbnail in a NEF), never the photo. A camera shooting RAW+JPEG leaves the JPEG beside it.
+RAW_SUFFIXES = {".dng", ".cr2", ".cr3", ".crw", ".nef", ".nrw", ".arw", ".srf", ".sr2", ".orf",
+                ".rw2", ".raf", ".pef", ".srw", ".x3f", ".3fr", ".iiq", ".raw"}
 # Leading bytes of the formats people actually put in photo folders, to name what a file that
 # Pillow cannot open was meant to be ("corrupt JPEG" rather than "not an image").
 _MAGIC = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF87a", "GIF"),
@@ -532,6 +536,9 @@ def _inspect(path: Path, root: Path, config: ScanConfig) -> tuple[dict | None, s
         return None, "empty file (0 bytes)"
     if st.st_size > MAX_FILE_BYTES:
         return None, f"too large for a photo ({st.st_size / 2**20:,.0f} MiB): not read"
+    if path.suffix.lower() in RAW_SUFFIXES:
+        return None, ("camera RAW file: only its small embedded preview could be read; use the "
+                      "JPEG the camera saved beside it, or export one")
     try:
         data = read_bytes(path)
     except OSError as exc:
