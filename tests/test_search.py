@@ -634,6 +634,8 @@ def test_a_search_reports_the_files_it_leaves_out_and_writes_its_scan(sample_dir
     (data / PEOPLE[0] / "cut.jpg").write_bytes(first.read_bytes()[:600])
     for i in range(11):
         (data / "Unknown" / f"notes_{i:02d}.jpg").write_text("not a photo\n")
+    (data / "README.md").write_text("# my photos\n")  # belongs there: in scan.json, not logged
+    (data / "stray.jpg").write_bytes(first.read_bytes())  # a photo outside any person's folder
     alike = data / PEOPLE[1].lower().replace("_", " ")  # the same person's other photos
     alike.mkdir()
     for photo in sorted((sample_dir / PEOPLE[1]).iterdir())[PER_CLASS:PER_CLASS + 3]:
@@ -646,14 +648,15 @@ def test_a_search_reports_the_files_it_leaves_out_and_writes_its_scan(sample_dir
     with caplog.at_level("WARNING", logger="tuner.search"):
         prepare(config)
     text = "\n".join(r.getMessage() for r in caplog.records)
-    assert f"12 file(s) in {data} left out:" in text
+    assert f"13 file(s) in {data} left out:" in text
+    assert "  stray.jpg: not inside a class folder" in text and "README" not in text
     assert f"  {PEOPLE[0]}/cut.jpg: truncated JPEG" in text
     assert "  Unknown/notes_00.jpg: not an image: text file, though named .jpg" in text
-    assert f"  ... and 2 more in {run / 'scan.json'}" in text
+    assert f"  ... and 3 more in {run / 'scan.json'}" in text
     assert f"note: folders '{PEOPLE[1]}', '{PEOPLE[1].lower().replace('_', ' ')}' differ only " \
            "in case, spaces or punctuation" in text
     scanned = json.loads((run / "scan.json").read_text())
-    assert len(scanned["skipped"]) == 12 and scanned["similar_classes"]
+    assert len(scanned["skipped"]) == 14 and scanned["similar_classes"]
 
     def no_scan(config):
         raise AssertionError("a worker scanned the dataset again")

@@ -63,6 +63,7 @@ MIN_IMAGES_PER_CLASS = len(SPLITS)
 MAX_FILE_BYTES = 512 * 1024 * 1024
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".heic",
                   ".heif", ".avif"}
+NOT_IN_CLASS_FOLDER = "not inside a class folder"
 # Camera RAW files are TIFF inside: Pillow would read only an embedded preview (a 160x120
 # thumbnail in a NEF), never the photo. A camera shooting RAW+JPEG leaves the JPEG beside it.
 RAW_SUFFIXES = {".dng", ".cr2", ".cr3", ".crw", ".nef", ".nrw", ".arw", ".srf", ".sr2", ".orf",
@@ -364,7 +365,7 @@ def scan(config: ScanConfig) -> ScanResult:
             skip(entry, reason)
             continue
         if not entry.is_dir():
-            skip(entry, _not_dir_reason(entry) or "not inside a class folder")
+            skip(entry, _not_dir_reason(entry) or NOT_IN_CLASS_FOLDER)
             continue
         real = os.path.realpath(entry)
         if _inside(root_real, real):
@@ -903,7 +904,10 @@ def scan_notes(result: ScanResult) -> list[str]:
 def skipped_text(skipped: list[dict], data_dir: Path, full_list: str,
                  max_rows: int = 10) -> str | None:
     """Why files were left out (a scan's `skipped`), in a few lines, for a search or `evaluate`
-    (`data` prints all; `full_list` says where the rest are)."""
+    (`data` prints all; `full_list` says where the rest are). A README or licence beside the
+    class folders is where it belongs: it is left out of these lines, not of `full_list`."""
+    skipped = [s for s in skipped if not (s["reason"] == NOT_IN_CLASS_FOLDER and
+                                          Path(s["path"]).suffix.lower() not in IMAGE_SUFFIXES)]
     if not skipped:
         return None
     lines = [f"{len(skipped)} file(s) in {data_dir} left out:"]
