@@ -451,9 +451,9 @@ def test_heic_photos_from_phones_are_usable_upright(tmp_path, monkeypatch):
 
 
 def test_large_photos_decode_at_reduced_scale_but_keep_their_full_size(tmp_path):
-    """A phone-sized JPEG is decoded by the scan at a quarter of its size (>= 512 px) and for a
-    96 px model at an eighth, yet the scan records its full upright size, the pixels match a
-    full decode and resize, and damage is still found. Under twice the size nothing changes."""
+    """A 2400x1800 JPEG is decoded by the scan at half its size (>= 512 px on each side) and
+    for a 96 px model at an eighth, yet the scan records its full upright size, the pixels match
+    a full decode and resize, and damage is still found. Under twice the size nothing changes."""
     from tuner.pipeline import load_image
 
     root = make_dataset(tmp_path / "ds")

@@ -323,8 +323,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     evaluation = evaluate_model(args.model, args.data, args.no_face_policy)
     print(format_evaluation(evaluation, title=str(args.data)))
-    left_out = skipped_text(evaluation["skipped"], args.data, str(args.json or
-                                                                 f"`personclf-tune data {args.data}`"))
+    full_list = str(args.json) if args.json else f"`personclf-tune data {args.data}`"
+    left_out = skipped_text(evaluation["skipped"], args.data, full_list)
     if left_out:
         print("\n" + left_out)
     if args.json:
