@@ -97,3 +97,41 @@ def tiny_search_dir(root: Path, sample_dir: Path, people, per_class: int) -> tup
     space = root / "tiny.yaml"
     space.write_text(TINY_SPACE)
     return data, space
+
+
+def side_by_side(script: str, count: int, root: Path, timeout: float = 120) -> list[str]:
+    """Run `script` (Python source) in `count` processes released at the same moment: each
+    touches the file named by its argv[1] when ready (`WAIT_FOR_GO`), then waits for
+    root/"go". Returns each process's stdout: workers of one run directory, racing."""
+    import sys
+    import time
+
+    root.mkdir(parents=True, exist_ok=True)
+    ready = [root / f"ready-{i}" for i in range(count)]
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(r)], text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for r in ready]
+    deadline = time.monotonic() + timeout
+    while not all(r.exists() for r in ready):
+        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+            for p in procs:
+                p.kill()
+            raise AssertionError("a process never got ready: "
+                                 + " | ".join(p.communicate()[1][-2000:] for p in procs))
+        time.sleep(0.02)
+    (root / "go").touch()
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=timeout)
+        assert p.returncode == 0, err[-2000:]
+        outs.append(out)
+    return outs
+
+
+# The top of a `side_by_side` script: wait for the start signal.
+WAIT_FOR_GO = """\
+import sys, time
+from pathlib import Path
+Path(sys.argv[1]).touch()
+while not (Path(sys.argv[1]).parent / "go").exists():
+    time.sleep(0.005)
+"""

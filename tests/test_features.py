@@ -1,6 +1,7 @@
 """The activation caches: computed once per backbone setting, reused, and as good as the naive path."""
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from tuner.features import FeatureCache, extract, feature_extractor, split_at
 from tuner.hypermodel import base_of, build_model
 from tuner.pipeline import ImageCache
 from tuner.trial import TrialData, release, run_two_stages, score
+
+from conftest import WAIT_FOR_GO, side_by_side
 
 PARAMS = TrialParams(backbone="MobileNet", alpha=0.25, input_size=96, dense_units=0, dropout=0.1,
                      l2=1e-5, label_smoothing=0.0, lr_stage1=3e-3, lr_stage2=1e-4,
@@ -230,6 +233,32 @@ def test_derived_activations_are_kept_on_disk_not_in_memory(orl, mobilenet_025_w
     monkeypatch.setattr(features, "_derive", no_derivation)
     again = cache.for_trial(model, params, data, cfg, first).stage2()[1]
     assert np.array_equal(again.train, first_acts.train) and again is not first_acts
+
+
+def test_workers_needing_the_same_activations_compute_them_once(tmp_path):
+    """Two workers of one run directory whose first trials need the same activations: one
+    computes them, the other waits for its file and loads it instead of computing them at
+    the same time on the same cores."""
+    script = f"""
+import json, time
+from pathlib import Path
+import numpy as np
+from tuner.features import FeatureCache, Features
+cache = FeatureCache(Path({str(tmp_path / "cache")!r}))
+computed = []
+
+def compute():
+    computed.append(1)
+    time.sleep(1.0)  # a forward pass over the images: long enough to overlap the other's
+    return Features(np.arange(24, dtype=np.float32).reshape(2, 3, 4),
+                    np.ones((3, 4), np.float32))
+{WAIT_FOR_GO}
+feats = cache._get("setting-key", compute)
+print(json.dumps({{"computed": len(computed), "train": float(feats.train.sum())}}))
+"""
+    outs = [json.loads(o) for o in side_by_side(script, 2, tmp_path / "sync")]
+    assert sorted(o["computed"] for o in outs) == [0, 1], outs
+    assert [o["train"] for o in outs] == [276.0, 276.0]
 
 
 def test_activations_fall_back_to_float16_where_float32_does_not_fit(orl, mobilenet_025_weights):

@@ -4,9 +4,13 @@ Runs on the bundled sample (sample/lfw_mini, 160 images) at small sizes so it st
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
+
+from conftest import WAIT_FOR_GO, side_by_side
 
 from tuner.config import ScanConfig, SplitConfig
 from tuner.data import read_split, scan, split, write_split
@@ -51,6 +55,59 @@ def test_image_cache_decodes_each_image_once_per_size(sample, sample_dir, tmp_pa
     bigger = fresh.images(frame, SIZE + 8)
     assert fresh.decoded == len(frame), "a new size is decoded again"
     assert bigger.shape == (len(frame), SIZE + 8, SIZE + 8, 3)
+
+
+def test_workers_needing_the_same_images_decode_them_once(sample, sample_dir, tmp_path):
+    """Two workers of one run directory asking for the same size at the same moment: one
+    decodes, the other waits and loads its file (before the build lock, both decoded)."""
+    _, df = sample
+    frame = df.sort_values("path").reset_index(drop=True)
+    frame[["path", "sha256"]].to_csv(tmp_path / "frame.csv", index=False)
+    script = f"""
+import json
+from pathlib import Path
+import numpy as np
+import pandas as pd
+from tuner.pipeline import ImageCache
+frame = pd.read_csv({str(tmp_path / "frame.csv")!r})
+cache = ImageCache(Path({str(sample_dir)!r}), Path({str(tmp_path / "cache")!r}))
+{WAIT_FOR_GO}
+arr = cache.images(frame, {SIZE})
+print(json.dumps({{"decoded": cache.decoded, "sum": int(arr.sum(dtype=np.int64))}}))
+"""
+    outs = [json.loads(o) for o in side_by_side(script, 2, tmp_path / "sync")]
+    assert sorted(o["decoded"] for o in outs) == [0, len(frame)], outs
+    expected = ImageCache(sample_dir).images(frame, SIZE)
+    assert [o["sum"] for o in outs] == [int(expected.sum(dtype=np.int64))] * 2
+
+
+def test_a_killed_builder_releases_its_lock(tmp_path):
+    """A worker killed while it builds a cache file does not leave the others waiting."""
+    import signal
+    import subprocess
+    import sys
+
+    from tuner.pipeline import building
+
+    target = tmp_path / "cache" / "images-x-32.npy"
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+import sys, time
+from pathlib import Path
+from tuner.pipeline import building
+with building(Path({str(target)!r})):
+    print("held", flush=True)
+    time.sleep(60)
+"""], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(timeout=10)
+    from filelock import FileLock
+    with FileLock(target.parent / "locks" / f"{target.name}.lock", timeout=10):
+        pass  # free (a Timeout here fails the test instead of hanging it)
+    with building(target) as locked:
+        assert locked
+        with building(tmp_path / "cache" / "other.npy") as nested:
+            assert not nested, "a thread holds one build lock at a time"
 
 
 def test_image_cache_key_survives_split_csv_round_trip(sample, sample_dir, tmp_path):

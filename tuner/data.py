@@ -32,6 +32,7 @@ from PIL import Image, ImageFile, ImageOps, ImageStat
 
 from .config import ScanConfig, SplitConfig
 from .errors import DatasetError, UsageError
+from .workers import usable_cpus
 
 log = logging.getLogger(__name__)
 
@@ -515,7 +516,7 @@ def _inspect_all(paths: list[Path], root: Path,
     """
     from tqdm import tqdm
 
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool, \
+    with ThreadPoolExecutor(max_workers=min(8, usable_cpus())) as pool, \
             tqdm(total=len(paths), desc="scan", unit="file", leave=False, dynamic_ncols=True,
                  disable=not sys.stderr.isatty()) as bar:
         out = []

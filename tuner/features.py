@@ -34,7 +34,7 @@ import keras
 import numpy as np
 
 from .config import FitConfig, TrialParams
-from .pipeline import predict_batch, views_for
+from .pipeline import building, predict_batch, views_for
 
 log = logging.getLogger(__name__)
 
@@ -225,8 +225,11 @@ class FeatureCache:
             return self._memory[key]
         feats = self._load(key)
         if feats is None:
-            feats = compute()
-            self._save(key, feats)
+            with building(self._path(key)) as locked:
+                feats = self._load(key) if locked else None  # built while we waited
+                if feats is None:
+                    feats = compute()
+                    self._save(key, feats)
         if not keep:
             return feats
         self._memory[key] = feats
