@@ -64,19 +64,24 @@ def test_workers_needing_the_same_images_decode_them_once(sample, sample_dir, tm
     frame = df.sort_values("path").reset_index(drop=True)
     frame[["path", "sha256"]].to_csv(tmp_path / "frame.csv", index=False)
     script = f"""
-import json
+import json, logging, sys
 from pathlib import Path
 import numpy as np
 import pandas as pd
 from tuner.pipeline import ImageCache
 frame = pd.read_csv({str(tmp_path / "frame.csv")!r})
 cache = ImageCache(Path({str(sample_dir)!r}), Path({str(tmp_path / "cache")!r}))
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+notes = []
+logging.getLogger("tuner.pipeline").addFilter(lambda r: notes.append(r.getMessage()) or True)
 {WAIT_FOR_GO}
 arr = cache.images(frame, {SIZE})
-print(json.dumps({{"decoded": cache.decoded, "sum": int(arr.sum(dtype=np.int64))}}))
+print(json.dumps({{"decoded": cache.decoded, "sum": int(arr.sum(dtype=np.int64)),
+                  "waited": any(n.startswith("waiting for another worker") for n in notes)}}))
 """
     outs = [json.loads(o) for o in side_by_side(script, 2, tmp_path / "sync")]
     assert sorted(o["decoded"] for o in outs) == [0, len(frame)], outs
+    assert sorted(o["waited"] for o in outs) == [False, True], "the waiting worker says so"
     expected = ImageCache(sample_dir).images(frame, SIZE)
     assert [o["sum"] for o in outs] == [int(expected.sum(dtype=np.int64))] * 2
 

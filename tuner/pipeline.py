@@ -22,7 +22,7 @@ from typing import Iterator
 
 import numpy as np
 import pandas as pd
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from PIL import Image
 
 from .data import open_rgb, read_bytes
@@ -83,12 +83,19 @@ def building(path: Path | None) -> Iterator[bool]:
         return
     locks = path.parent / "locks"  # lock files stay (deleting one races its next user)
     locks.mkdir(parents=True, exist_ok=True)
-    with FileLock(locks / f"{path.name}.lock"):
-        _held.path = path
-        try:
-            yield True
-        finally:
-            _held.path = None
+    lock = FileLock(locks / f"{path.name}.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        # A worker that sits idle says why (at 224 px a build can take minutes).
+        log.info("waiting for another worker to build %s", path.name)
+        lock.acquire()
+    _held.path = path
+    try:
+        yield True
+    finally:
+        _held.path = None
+        lock.release()
 
 
 class ImageCache:
