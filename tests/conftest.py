@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -103,9 +105,6 @@ def side_by_side(script: str, count: int, root: Path, timeout: float = 120) -> l
     """Run `script` (Python source) in `count` processes released at the same moment: each
     touches the file named by its argv[1] when ready (`WAIT_FOR_GO`), then waits for
     root/"go". Returns each process's stdout: workers of one run directory, racing."""
-    import sys
-    import time
-
     root.mkdir(parents=True, exist_ok=True)
     ready = [root / f"ready-{i}" for i in range(count)]
     procs = [subprocess.Popen([sys.executable, "-c", script, str(r)], text=True,

@@ -9,6 +9,7 @@ import keras
 import numpy as np
 import pytest
 
+from conftest import WAIT_FOR_GO, side_by_side
 from tuner.config import FitConfig, ScanConfig, SplitConfig, TrialParams
 from tuner.data import scan, split
 from tuner import backbones
@@ -16,8 +17,6 @@ from tuner.features import FeatureCache, extract, feature_extractor, split_at
 from tuner.hypermodel import base_of, build_model
 from tuner.pipeline import ImageCache
 from tuner.trial import TrialData, release, run_two_stages, score
-
-from conftest import WAIT_FOR_GO, side_by_side
 
 PARAMS = TrialParams(backbone="MobileNet", alpha=0.25, input_size=96, dense_units=0, dropout=0.1,
                      l2=1e-5, label_smoothing=0.0, lr_stage1=3e-3, lr_stage2=1e-4,

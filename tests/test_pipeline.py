@@ -5,17 +5,20 @@ Runs on the bundled sample (sample/lfw_mini, 160 images) at small sizes so it st
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
 import pytest
+from filelock import FileLock
 
 from conftest import WAIT_FOR_GO, side_by_side
-
 from tuner.config import ScanConfig, SplitConfig
 from tuner.data import read_split, scan, split, write_split
-from tuner.pipeline import (EpochPlan, ImageCache, SplitArrays, augmentation, load_image,
-                            image_batches, make_dataset, split_arrays, train_stream,
+from tuner.pipeline import (EpochPlan, ImageCache, SplitArrays, augmentation, building,
+                            load_image, image_batches, make_dataset, split_arrays, train_stream,
                             view_batches, warp_draws)
 
 SIZE = 32
@@ -88,12 +91,6 @@ print(json.dumps({{"decoded": cache.decoded, "sum": int(arr.sum(dtype=np.int64))
 
 def test_a_killed_builder_releases_its_lock(tmp_path):
     """A worker killed while it builds a cache file does not leave the others waiting."""
-    import signal
-    import subprocess
-    import sys
-
-    from tuner.pipeline import building
-
     target = tmp_path / "cache" / "images-x-32.npy"
     holder = subprocess.Popen([sys.executable, "-c", f"""
 import sys, time
@@ -106,7 +103,6 @@ with building(Path({str(target)!r})):
     assert holder.stdout.readline().strip() == "held"
     holder.send_signal(signal.SIGKILL)
     holder.wait(timeout=10)
-    from filelock import FileLock
     with FileLock(target.parent / "locks" / f"{target.name}.lock", timeout=10):
         pass  # free (a Timeout here fails the test instead of hanging it)
     with building(target) as locked:
