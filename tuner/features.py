@@ -34,7 +34,7 @@ import keras
 import numpy as np
 
 from .config import FitConfig, TrialParams
-from .pipeline import building, predict_batch, views_for
+from .pipeline import load_or_build, predict_batch, views_for
 
 log = logging.getLogger(__name__)
 
@@ -223,13 +223,13 @@ class FeatureCache:
         if key in self._memory:
             self._memory[key] = self._memory.pop(key)  # newest last
             return self._memory[key]
-        feats = self._load(key)
-        if feats is None:
-            with building(self._path(key)) as locked:
-                feats = self._load(key) if locked else None  # built while we waited
-                if feats is None:
-                    feats = compute()
-                    self._save(key, feats)
+
+        def build() -> Features:
+            feats = compute()
+            self._save(key, feats)
+            return feats
+
+        feats = load_or_build(self._path(key), lambda: self._load(key), build)
         if not keep:
             return feats
         self._memory[key] = feats

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -30,6 +30,7 @@ from .errors import DatasetError
 from .workers import usable_cpus
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # The origin's ImageDataGenerator settings, reached at augment strength 1.0.
 ORIGIN_AUGMENT = {"rotation_degrees": 40.0, "shift": 0.2, "zoom": 0.2, "shear": 0.2}
@@ -73,7 +74,7 @@ def building(path: Path | None) -> Iterator[bool]:
     file or this thread already holds one.
 
     Workers sharing a run directory that need the same cache then build it once: the others
-    wait and load it (the caller looks for the file again on entry). That saves the
+    wait and load it (`load_or_build` looks for the file again on entry). That saves the
     duplicate's CPU time and memory, and wall time where two builds would share a device (two
     workers on one GPU, more workers than cores); on a CPU with a core each, waiting takes as
     long as building. A thread holds at most one lock at a time (what it builds inside one is
@@ -105,6 +106,17 @@ def building(path: Path | None) -> Iterator[bool]:
         lock.release()
 
 
+def load_or_build(path: Path | None, load: Callable[[], T | None], build: Callable[[], T]) -> T:
+    """`load()` (None: not there), else `build()`, which saves to `path`: under `path`'s build
+    lock, looking again once it is held, so workers sharing a run directory build it once."""
+    found = load()
+    if found is not None:
+        return found
+    with building(path) as locked:
+        found = load() if locked else None  # built while we waited
+        return found if found is not None else build()
+
+
 class ImageCache:
     """Decoded uint8 images per (split fingerprint, input size), in memory and optionally on disk.
 
@@ -134,19 +146,14 @@ class ImageCache:
             return self._memory[key]
         disk = self.cache_dir / f"images-{key[0]}-{size}.npy" if self.cache_dir else None
         shape = (len(frame), size, size, 3)
-        arr = _load_images(disk, shape)
-        if arr is None:
-            with building(disk) as locked:
-                arr = _load_images(disk, shape) if locked else None  # built while we waited
-                if arr is None:
-                    arr = decode_many([self.data_dir / p for p in frame["path"]], size)
-                    self.decoded += len(arr)
-                    if disk is not None:
-                        disk.parent.mkdir(parents=True, exist_ok=True)
-                        # A private temporary name: readers never see a half-written file.
-                        tmp = disk.with_name(f"{disk.stem}.{os.getpid()}.{id(arr):x}.tmp.npy")
-                        np.save(tmp, arr, allow_pickle=False)
-                        os.replace(tmp, disk)
+
+        def decode() -> np.ndarray:
+            arr = decode_many([self.data_dir / p for p in frame["path"]], size)
+            self.decoded += len(arr)
+            _save_images(disk, arr)
+            return arr
+
+        arr = load_or_build(disk, lambda: _load_images(disk, shape), decode)
         self._remember(key, arr)
         return arr
 
@@ -167,6 +174,16 @@ def _load_images(disk: Path | None, shape: tuple[int, ...]) -> np.ndarray | None
     except (OSError, ValueError):
         return None
     return arr if arr.shape == shape and arr.dtype == np.uint8 else None
+
+
+def _save_images(disk: Path | None, arr: np.ndarray) -> None:
+    if disk is None:
+        return
+    disk.parent.mkdir(parents=True, exist_ok=True)
+    # A private temporary name: readers never see a half-written file.
+    tmp = disk.with_name(f"{disk.stem}.{os.getpid()}.{id(arr):x}.tmp.npy")
+    np.save(tmp, arr, allow_pickle=False)
+    os.replace(tmp, disk)
 
 
 @dataclass(frozen=True)
