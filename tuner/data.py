@@ -507,16 +507,22 @@ def _walk_class(folder: Path, root_real: str, skip) -> list[tuple[Path, str]]:
     return out
 
 
+def decode_threads() -> int:
+    """Threads for decoding photos (the scan, the input pipeline): Pillow, libjpeg and hashlib
+    release the GIL, so one per usable core, at most 8."""
+    return min(8, usable_cpus())
+
+
 def _inspect_all(paths: list[Path], root: Path,
                  config: ScanConfig) -> list[tuple[dict | None, str | None]]:
     """`_inspect` of every path, in order, in threads, with a progress bar on a terminal.
 
-    Decoding dominates (a 12-megapixel photo: about 0.3 s on one core) and Pillow, libjpeg and
-    hashlib release the GIL, so threads keep the cores busy.
+    Decoding dominates (a 12-megapixel photo: about 0.3 s on one core), and threads decode in
+    parallel (`decode_threads`).
     """
     from tqdm import tqdm
 
-    with ThreadPoolExecutor(max_workers=min(8, usable_cpus())) as pool, \
+    with ThreadPoolExecutor(max_workers=decode_threads()) as pool, \
             tqdm(total=len(paths), desc="scan", unit="file", leave=False, dynamic_ncols=True,
                  disable=not sys.stderr.isatty()) as bar:
         out = []

@@ -25,9 +25,8 @@ import pandas as pd
 from filelock import FileLock, Timeout
 from PIL import Image
 
-from .data import open_rgb, read_bytes
+from .data import decode_threads, open_rgb, read_bytes
 from .errors import DatasetError
-from .workers import usable_cpus
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -53,13 +52,12 @@ def load_image(path: Path | str, size: int, scanned: bool = True) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
-def decode_many(paths: list[Path], size: int, workers: int | None = None) -> np.ndarray:
+def decode_many(paths: list[Path], size: int) -> np.ndarray:
     """Decode and resize many images in parallel threads (Pillow releases the GIL)."""
     out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
     if not paths:
         return out
-    workers = workers or min(8, usable_cpus())
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    with ThreadPoolExecutor(max_workers=decode_threads()) as pool:
         for i, arr in enumerate(pool.map(lambda p: load_image(p, size), paths)):
             out[i] = arr
     return out
