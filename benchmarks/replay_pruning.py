@@ -7,14 +7,15 @@ would stop, at which step, and whether the best trial survives. The replay is ex
 to the first trial a rule stops: a real search's sampler then sees other results and
 suggests other trials.
 
-    python benchmarks/replay_pruning.py RUN [--stage1-epochs 5]
+    python benchmarks/replay_pruning.py RUN [--stage1-epochs 5] [--stage2-epochs 5]
 
-Rules: `search` (the search's own pruner, `tuner.pruning.PruningRule`); `below_worst` (the
-search's rule before stage 2 had a warmup: between the stages it stopped every trial whose
-stage-1 best was below every completed trial's); `percentile` (the rule before that,
-Optuna's PercentilePruner(75, n_startup_trials=4, n_warmup_steps=1): below the bottom
-quartile of earlier completed trials at the same step, from step 1); `stage2` (the search's
-stage-2 rule alone, nothing stopped between the stages).
+Rules: `search` (the search's own pruner, `tuner.pruning.PruningRule`); `second_epoch` (the
+search's rule as it was before stage 2's third epoch became the first it judges: from the
+second); `below_worst` (the search's rule before stage 2 had a warmup: between the stages it
+stopped every trial whose stage-1 best was below every completed trial's); `percentile` (the
+rule before that, Optuna's PercentilePruner(75, n_startup_trials=4, n_warmup_steps=1): below
+the bottom quartile of earlier completed trials at the same step, from step 1); `stage2` (the
+search's stage-2 rule alone, nothing stopped between the stages).
 """
 from __future__ import annotations
 
@@ -26,15 +27,18 @@ import numpy as np
 STARTUP, WARMUP = 4, 1  # the replaced PercentilePruner's
 
 
+RULES = {"search": {}, "second_epoch": {"stage2_skip_epochs": 1},
+         "below_worst": {"boundary_fraction": 1.0, "stage2_skip_epochs": 1},
+         "stage2": {"boundary_fraction": 0.0}}
+
+
 def stops(rule: str, history: dict[int, float], done: list[dict[int, float]], step: int,
-          stage1_epochs: int) -> bool:
+          stage1_epochs: int, stage2_epochs: int) -> bool:
     """Whether `rule` stops a trial with `history` (step -> value) at `step`."""
     from tuner.pruning import PruningRule
 
-    fractions = {"search": PruningRule.boundary_fraction, "below_worst": 1.0, "stage2": 0.0}
-    if rule in fractions:
-        return PruningRule(stage1_epochs, boundary_fraction=fractions[rule]).stops(history, done,
-                                                                                   step)
+    if rule in RULES:
+        return PruningRule(stage1_epochs, stage2_epochs, **RULES[rule]).stops(history, done, step)
     if len(done) < STARTUP or step < WARMUP:
         return False
     at = [d[step] for d in done if step in d]
@@ -50,6 +54,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", type=Path, help="run directory of a search without pruning")
     ap.add_argument("--stage1-epochs", type=int, default=5, help="--max-epochs of stage 1")
+    ap.add_argument("--stage2-epochs", type=int, default=5, help="stage 2's epochs")
     ap.add_argument("--study-name", default="personclf")
     args = ap.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -59,18 +64,19 @@ def main() -> None:
     values = [t.value for t in trials]
     best = int(np.argmax(values))
     print(f"{len(trials)} complete trials; best: trial {trials[best].number} {values[best]:.4f}")
-    for rule in ("search", "below_worst", "percentile", "stage2"):
+    for rule in ("search", "second_epoch", "below_worst", "percentile", "stage2"):
         done, stopped = [], []
         for t in trials:
             history = dict(t.intermediate_values)
-            step = next((s for s in sorted(history) if stops(rule, history, done, s,
-                                                              args.stage1_epochs)), None)
+            step = next((s for s in sorted(history)
+                         if stops(rule, history, done, s, args.stage1_epochs,
+                                  args.stage2_epochs)), None)
             if step is None:
                 done.append(history)
             else:
                 stopped.append((t.number, step))
         kept = [v for t, v in zip(trials, values) if t.number not in dict(stopped)]
-        print(f"{rule:11s} stops (trial, step) {stopped}; best kept: "
+        print(f"{rule:12s} stops (trial, step) {stopped}; best kept: "
               f"{trials[best].number not in dict(stopped)}; best found {max(kept):.4f}")
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import platform
 import re
@@ -77,6 +78,9 @@ def run_mode(args) -> dict:
     from tuner.quiet import QuietTensorFlowImport
 
     QuietTensorFlowImport.install()  # TensorFlow's start-up notes, filtered as the CLI does
+    # ... and, as the CLI does, its notes that a long search traces many train and predict
+    # functions: each trial builds a new model, so each trial traces its own.
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
     from tuner.best import runtime_versions
     from tuner.config import FitConfig, SearchConfig, SplitConfig
     from tuner.search import run_search

@@ -172,9 +172,11 @@ def open_study(config: SearchConfig, space: SearchSpace | None = None):
     name = config.study_name or "personclf"
     sampler = _sampler(config.fit.seed)
     # Stage 1 ranks trials poorly, so the pruner judges it only where stage 2 is at stake and
-    # stops a trial in stage 2 only from its second epoch (tuner.pruning says why).
-    pruner = (optuna_pruner(PruningRule(config.fit.max_epochs_stage1,
-                                        config.fit.max_epochs_stage2 > 0))
+    # stops a trial in stage 2 only from the second epoch after its warmup (tuner.pruning says
+    # why).
+    fit = config.fit
+    pruner = (optuna_pruner(PruningRule(fit.max_epochs_stage1, fit.max_epochs_stage2,
+                                        stage2_skip_epochs=fit.warmup_epochs_stage2 + 1))
               if config.pruning else optuna.pruners.NopPruner())
     created = False
     for attempt in range(OPEN_ATTEMPTS):
