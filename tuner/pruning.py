@@ -19,13 +19,13 @@ trial during stage 1 in two of three longer searches. So:
 - in stage 2, from its third epoch (the second after its warmup, one epoch by default), stop
   a trial whose best so far is below the bottom quartile of the completed trials' values at
   that step, once four have completed. The first epoch is still warming up and the second
-  says little: across three recorded
-  searches without pruning (the benchmark's at 96 px over 8 and over 40 trials, and at 160
-  px over 8), the rank correlation of a trial's best so far with its final value was
-  0.60-0.79 after stage 2's second epoch and 0.74-0.83 after its third. Judged from the
-  second, the rule stopped trial 11 of the 40, which would have finished at 0.6855, the
-  second best of the 12 run by then; from the third, it stops three that finished 35th,
-  37th and 38th. It never stops a trial at stage 2's last epoch: nothing is left to save.
+  says little: across three recorded searches without pruning (the benchmark's at 96 px over
+  8 and over 40 trials, and at 160 px over 8), the rank correlation of a trial's best so far
+  with its final value was 0.60-0.79 after stage 2's second epoch and 0.74-0.83 after its
+  third. Judged from the second, the rule stopped trial 11 of the 40, which would have
+  finished at 0.6855, the second best of the 12 run by then; from the third, it stops three
+  that finished 35th, 37th and 38th. It never stops a trial at stage 2's last epoch: nothing
+  is left to save.
 
 Steps are `trial.run_two_stages`'s: stage 1 at 0..E1-1, stage 2 at E1 + epoch. The rule is a
 pure function of the trial's and the completed trials' intermediate values, so
