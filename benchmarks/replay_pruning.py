@@ -8,18 +8,21 @@ to the first trial a rule stops: a real search's sampler then sees other results
 suggests other trials.
 
     python benchmarks/replay_pruning.py RUN [--stage1-epochs 5] [--stage2-epochs 5]
+        [--stage2-warmup-epochs 1]
 
-Rules: `search` (the search's own pruner, `tuner.pruning.PruningRule`); `second_epoch` (the
-search's rule as it was before stage 2's third epoch became the first it judges: from the
-second); `below_worst` (the search's rule before stage 2 had a warmup: between the stages it
-stopped every trial whose stage-1 best was below every completed trial's); `percentile` (the
-rule before that, Optuna's PercentilePruner(75, n_startup_trials=4, n_warmup_steps=1): below
-the bottom quartile of earlier completed trials at the same step, from step 1); `stage2` (the
-search's stage-2 rule alone, nothing stopped between the stages).
+Rules: `search` (the search's own pruner for those settings, `PruningRule.for_fit`);
+`second_epoch` (the search's rule as it was before stage 2's third epoch became the first it
+judges: from the second); `below_worst` (the search's rule before stage 2 had a warmup:
+between the stages it stopped every trial whose stage-1 best was below every completed
+trial's); `percentile` (the rule before that, Optuna's PercentilePruner(75,
+n_startup_trials=4, n_warmup_steps=1): below the bottom quartile of earlier completed trials
+at the same step, from step 1); `stage2` (the search's stage-2 rule alone, nothing stopped
+between the stages).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -27,18 +30,18 @@ import numpy as np
 STARTUP, WARMUP = 4, 1  # the replaced PercentilePruner's
 
 
+# Changes to the search's rule; "percentile" is not one (`stops`).
 RULES = {"search": {}, "second_epoch": {"stage2_skip_epochs": 1},
          "below_worst": {"boundary_fraction": 1.0, "stage2_skip_epochs": 1},
          "stage2": {"boundary_fraction": 0.0}}
 
 
 def stops(rule: str, history: dict[int, float], done: list[dict[int, float]], step: int,
-          stage1_epochs: int, stage2_epochs: int) -> bool:
-    """Whether `rule` stops a trial with `history` (step -> value) at `step`."""
-    from tuner.pruning import PruningRule
-
+          search_rule) -> bool:
+    """Whether `rule` stops a trial with `history` (step -> value) at `step`, given the
+    search's own rule (a `PruningRule`)."""
     if rule in RULES:
-        return PruningRule(stage1_epochs, stage2_epochs, **RULES[rule]).stops(history, done, step)
+        return dataclasses.replace(search_rule, **RULES[rule]).stops(history, done, step)
     if len(done) < STARTUP or step < WARMUP:
         return False
     at = [d[step] for d in done if step in d]
@@ -49,14 +52,20 @@ def stops(rule: str, history: dict[int, float], done: list[dict[int, float]], st
 def main() -> None:
     import optuna
 
+    from tuner.config import FitConfig
+    from tuner.pruning import PruningRule
     from tuner.storage import open_storage
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", type=Path, help="run directory of a search without pruning")
     ap.add_argument("--stage1-epochs", type=int, default=5, help="--max-epochs of stage 1")
     ap.add_argument("--stage2-epochs", type=int, default=5, help="stage 2's epochs")
+    ap.add_argument("--stage2-warmup-epochs", type=int, default=FitConfig.warmup_epochs_stage2)
     ap.add_argument("--study-name", default="personclf")
     args = ap.parse_args()
+    search_rule = PruningRule.for_fit(FitConfig(
+        max_epochs_stage1=args.stage1_epochs, max_epochs_stage2=args.stage2_epochs,
+        warmup_epochs_stage2=args.stage2_warmup_epochs))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.load_study(study_name=args.study_name,
                               storage=open_storage(f"journal:{args.run / 'study.journal'}"))
@@ -69,8 +78,7 @@ def main() -> None:
         for t in trials:
             history = dict(t.intermediate_values)
             step = next((s for s in sorted(history)
-                         if stops(rule, history, done, s, args.stage1_epochs,
-                                  args.stage2_epochs)), None)
+                         if stops(rule, history, done, s, search_rule)), None)
             if step is None:
                 done.append(history)
             else:

@@ -215,7 +215,8 @@ def test_search_uses_the_two_stage_pruner(tmp_path: Path):
     study = open_study(config())
     assert type(study.pruner).__name__ == "TwoStagePruner"
     # Stage 2 (2 epochs) is judged from the second epoch after its one-epoch warmup.
-    assert study.pruner.rule == PruningRule(3, 2, stage2_skip_epochs=2)
+    assert study.pruner.rule == PruningRule(3, 2, stage2_skip_epochs=2) == \
+        PruningRule.for_fit(config().fit)
     # It applies the search's stage-1 length: a trial at less than half of both completed ones
     # stops at step 2.
     for value in (0.5, 0.6):

@@ -75,9 +75,9 @@ def building(path: Path | None) -> Iterator[bool]:
     wait and load it (`load_or_build` looks for the file again on entry). That saves the
     duplicate's CPU time and memory, and wall time where two builds would share a device (two
     workers on one GPU, more threads than cores); on a CPU with a core each, waiting takes as
-    long as building (benchmarks/README.md, run T). A thread holds at most one lock at a time (what it builds inside one is
-    built unlocked), so no two workers can wait on each other; an OS lock, so a killed
-    worker's lock is released.
+    long as building (benchmarks/README.md, run T). A thread holds at most one lock at a time
+    (what it builds inside one is built unlocked), so no two workers can wait on each other;
+    an OS lock, so a killed worker's lock is released.
     """
     if path is None or getattr(_held, "path", None) is not None:
         yield False

@@ -35,8 +35,12 @@ to the first trial it stops: after that a real search's sampler sees other resul
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .config import FitConfig
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,13 @@ class PruningRule:
     stage2_min_completed: int = 4
     stage2_skip_epochs: int = 2  # stage 2's first epochs, not judged: its warmup's and one more
     stage2_percentile: float = 25.0  # the bottom share of completed trials that stops
+
+    @classmethod
+    def for_fit(cls, fit: FitConfig) -> PruningRule:
+        """The search's rule for its training settings: the stages' lengths, and stage 2
+        judged from the second epoch after its warmup."""
+        return cls(fit.max_epochs_stage1, fit.max_epochs_stage2,
+                   stage2_skip_epochs=fit.warmup_epochs_stage2 + 1)
 
     def stops(self, history: dict[int, float], completed: list[dict[int, float]],
               step: int) -> bool:

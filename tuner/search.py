@@ -174,10 +174,8 @@ def open_study(config: SearchConfig, space: SearchSpace | None = None):
     # Stage 1 ranks trials poorly, so the pruner judges it only where stage 2 is at stake and
     # stops a trial in stage 2 only from the second epoch after its warmup (tuner.pruning says
     # why).
-    fit = config.fit
-    pruner = (optuna_pruner(PruningRule(fit.max_epochs_stage1, fit.max_epochs_stage2,
-                                        stage2_skip_epochs=fit.warmup_epochs_stage2 + 1))
-              if config.pruning else optuna.pruners.NopPruner())
+    pruner = optuna_pruner(PruningRule.for_fit(config.fit)) if config.pruning \
+        else optuna.pruners.NopPruner()
     created = False
     for attempt in range(OPEN_ATTEMPTS):
         try:
