@@ -1,11 +1,13 @@
 """Replay pruning rules on a search that ran without pruning, to see what each would stop.
 
-A cached search without pruning repeats the naive one exactly (the benchmark's `cache_only`
-mode, or `personclf-tune --no-pruning`), so its study holds every trial's validation metric
-at every step. This replays the trials in order against a rule and prints which trials it
-would stop, at which step, and whether the best trial survives. The replay is exact only up
-to the first trial a rule stops: a real search's sampler then sees other results and
-suggests other trials.
+A search without pruning (the benchmark's naive or `cache_only` mode, which the benchmark
+keeps in `results/bench/runs/`, or `personclf-tune --no-pruning`) holds every trial's
+validation metric at every step. This first prints how well each step ranks the trials
+(Spearman of each trial's best so far against its final value: what a rule judging there
+has to go on), then replays the trials in order against each rule and prints which trials
+it would stop, at which step, where they finished without pruning, and whether the best
+trial survives. The replay is exact only up to the first trial a rule stops: a real
+search's sampler then sees other results and suggests other trials.
 
     python benchmarks/replay_pruning.py RUN [--stage1-epochs 5] [--stage2-epochs 5]
         [--stage2-warmup-epochs 1]
@@ -49,6 +51,21 @@ def stops(rule: str, history: dict[int, float], done: list[dict[int, float]], st
     return bool(at) and best < np.percentile(at, 25)
 
 
+def rank_agreement(trials, values) -> list[tuple[int, int, float]]:
+    """(step, trials, Spearman rho) of each trial's best value so far at that step against its
+    final value: how well a rule judging at that step can tell the trials apart."""
+    from scipy.stats import spearmanr
+
+    rows = []
+    for step in sorted({s for t in trials for s in t.intermediate_values}):
+        pairs = [(max(v for s, v in t.intermediate_values.items() if s <= step), final)
+                 for t, final in zip(trials, values)
+                 if any(s <= step for s in t.intermediate_values)]
+        so_far, final = zip(*pairs)
+        rows.append((step, len(pairs), float(spearmanr(so_far, final)[0])))
+    return rows
+
+
 def main() -> None:
     import optuna
 
@@ -73,6 +90,11 @@ def main() -> None:
     values = [t.value for t in trials]
     best = int(np.argmax(values))
     print(f"{len(trials)} complete trials; best: trial {trials[best].number} {values[best]:.4f}")
+    print("rank agreement of each step's best so far with the final value (Spearman):")
+    for step, n, rho in rank_agreement(trials, values):
+        stage = 1 if step < args.stage1_epochs else 2
+        print(f"  step {step} (stage {stage}): {rho:+.2f} over {n} trials")
+    place = {t.number: 1 + sum(v > value for v in values) for t, value in zip(trials, values)}
     for rule in ("search", "second_epoch", "below_worst", "percentile", "stage2"):
         done, stopped = [], []
         for t in trials:
@@ -84,8 +106,10 @@ def main() -> None:
             else:
                 stopped.append((t.number, step))
         kept = [v for t, v in zip(trials, values) if t.number not in dict(stopped)]
+        places = [place[number] for number, _ in stopped]
         print(f"{rule:12s} stops (trial, step) {stopped}; best kept: "
-              f"{trials[best].number not in dict(stopped)}; best found {max(kept):.4f}")
+              f"{trials[best].number not in dict(stopped)}; best found {max(kept):.4f}; "
+              f"their places without pruning {places} of {len(trials)}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ own process so peak memory is measured per mode.
 
 Writes results/bench/search_speed.md and results/bench/search_speed.json:
 {"naive": {"seconds", "best_val_balanced_accuracy", "rss_mb": [...], "trials_per_hour"},
- "fast": {...}, "ratio"}. Needs MobileNetV2 ImageNet weights (KERAS_HOME or --weights).
+ "fast": {...}, "ratio"}, and keeps each mode's run directory without its caches in
+results/bench/runs/MODE (`replay_pruning.py results/bench/runs/naive` replays pruning rules
+on the naive study). Needs MobileNetV2 ImageNet weights (KERAS_HOME or --weights).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import logging
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -134,6 +137,13 @@ def run_mode(args) -> dict:
             "versions": runtime_versions()}
 
 
+def keep_run(run_dir: Path, dest: Path) -> None:
+    """Keep a mode's run directory, less its caches (hundreds of MB): its study holds every
+    trial's metric at every epoch, which `replay_pruning.py` replays rules on."""
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(run_dir, dest, ignore=shutil.ignore_patterns("cache"))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(REPO.parent / "shared/datasets/lfw_12people"))
@@ -169,6 +179,7 @@ def main() -> int:
                    "--weights", args.weights]
             subprocess.run(cmd, check=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
             results[mode] = json.loads(result_file.read_text())
+            keep_run(Path(tmp) / mode, out / "runs" / mode)
     naive, fast = results["naive"], results["fast"]
     results["ratio"] = round(fast["trials_per_hour"] / naive["trials_per_hour"], 2)
     # The same ratio with each process's imports and start-up counted (same trial count).

@@ -65,3 +65,17 @@ def test_search_speed_benchmark_runs_both_modes_and_writes_its_table(
     table = (out / "search_speed.md").read_text()
     assert "| naive " in table and "| fast " in table and f"{results['ratio']}x" in table
     assert f"machine: {machine['cpu']}, {machine['cpus']} CPUs" in table
+    # Each mode's run directory is kept without its caches, and the pruning replay reads the
+    # naive study from it: both trials, every step, and how each step ranks them.
+    runs = out / "runs"
+    assert sorted(p.name for p in runs.iterdir()) == ["fast", "naive"]
+    assert (runs / "naive" / "study.journal").is_file()
+    assert not (runs / "fast" / "cache").exists()
+    replay = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "replay_pruning.py"), str(runs / "naive"),
+         "--stage1-epochs", "2", "--stage2-epochs", "2"],
+        capture_output=True, text=True, timeout=300)
+    assert replay.returncode == 0, replay.stderr[-2000:]
+    assert "2 complete trials" in replay.stdout
+    assert "step 3 (stage 2): +1.00 over 2 trials" in replay.stdout  # the last step is final
+    assert "search       stops (trial, step) []" in replay.stdout  # too few trials to judge

@@ -7,6 +7,7 @@ replays rules on such a run.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import optuna
@@ -90,8 +91,9 @@ LFW_96_40 = [
 ]
 
 
-def history(values: list[float], upto: int | None = None) -> dict[int, float]:
-    return {s: v for s, v in enumerate(values) if upto is None or s <= upto}
+def history(values: list[float | None], upto: int | None = None) -> dict[int, float]:
+    """Step -> value; None marks a step not reported (stage 1 stopped early)."""
+    return {s: v for s, v in enumerate(values) if v is not None and (upto is None or s <= upto)}
 
 
 def replay(rule, trials=LFW_160) -> dict[int, int]:
@@ -239,3 +241,27 @@ def test_search_uses_the_two_stage_pruner(tmp_path: Path):
                         fit=FitConfig(max_epochs_stage1=3, max_epochs_stage2=6,
                                       warmup_epochs_stage2=3))
     assert open_study(warm).pruner.rule == PruningRule(3, 6, stage2_skip_epochs=4)
+
+
+def test_rule_holds_on_searches_it_was_not_chosen_on():
+    """The stage-2 rule was chosen on lfw_12people (LFW_96_40); on two other datasets' 40-trial
+    searches it keeps the best trial and stops only trials that finish in the bottom quarter,
+    and the searches with it (runs X and Y) stopped exactly these and found the same best."""
+    records = json.loads((Path(__file__).parent / "data" / "pruning_40_trials.json").read_text())
+
+    def places(record, stopped):
+        finals = [max(v for v in trial if v is not None) for trial in record]
+        return sorted(1 + sum(f > finals[t] for f in finals) for t in stopped)
+
+    expected = {"cuhk03_30people": ({9: E1 + 2}, [39]),
+                "att_orl_faces": ({9: E1 + 2, 15: E1 + 3, 16: E1 + 3, 19: E1 + 2},
+                                  [31, 34, 35, 39])}
+    for name, (stops, their_places) in expected.items():
+        record = records[name]
+        stopped = replay(PruningRule(E1, E2).stops, record)
+        assert stopped == stops, name
+        assert places(record, stopped) == their_places, name
+    # Judged from stage 2's second epoch, as before run V, att_orl's search also lost trial 26,
+    # which finished 22nd of 40.
+    early = replay(PruningRule(E1, E2, stage2_skip_epochs=1).stops, records["att_orl_faces"])
+    assert 26 in early and places(records["att_orl_faces"], [26]) == [22]
