@@ -261,7 +261,7 @@ def test_rule_holds_on_searches_it_was_not_chosen_on():
         stopped = replay(PruningRule(E1, E2).stops, record)
         assert stopped == stops, name
         assert places(record, stopped) == their_places, name
-    # Judged from stage 2's second epoch, as before run V, att_orl's search also lost trial 26,
-    # which finished 22nd of 40.
+    # Judged from stage 2's second epoch, as before run V, the rule would also have stopped
+    # att_orl's trial 26, which finished 22nd of 40.
     early = replay(PruningRule(E1, E2, stage2_skip_epochs=1).stops, records["att_orl_faces"])
     assert 26 in early and places(records["att_orl_faces"], [26]) == [22]
