@@ -171,7 +171,7 @@ def open_study(config: SearchConfig, space: SearchSpace | None = None):
     storage = open_storage(url)
     name = config.study_name or "personclf"
     sampler = _sampler(config.fit.seed)
-    # Stage 1 ranks trials poorly, so the pruner judges it only where stage 2 is at stake and
+    # Stage 1 can rank trials poorly, so the pruner judges it only where stage 2 is at stake and
     # stops a trial in stage 2 only from the second epoch after its warmup (tuner.pruning says
     # why).
     pruner = optuna_pruner(PruningRule.for_fit(config.fit)) if config.pruning \
