@@ -711,6 +711,32 @@ def test_near_duplicate_is_found_and_grouped(tmp_path):
     assert result.images.groupby("label")["group"].nunique().to_dict() == {"alice": 4, "bob": 3}
 
 
+def test_a_near_duplicate_in_another_class_is_kept_grouped_and_flagged(tmp_path):
+    """The same photo saved under two people, re-encoded: unlike an exact copy it cannot be
+    called one photo for certain (a fixed camera sees two people in the same scene), so both
+    stay, in one group, and every report puts the pair first with its two classes."""
+    root = make_dataset(tmp_path / "ds", per_class=3)
+    write_near_pair(root / "alice" / "big.jpg", root / "alice" / "near.jpg")
+    shutil.copy(root / "alice" / "near.jpg", tmp_path / "near.jpg")
+    Image.open(tmp_path / "near.jpg").save(root / "bob" / "saved_again.png")
+    result = do_scan(root)
+    crossed = [d for d in result.near_duplicates if d["conflict"]]
+    assert sorted(map(sorted, (d["paths"] for d in crossed))) == [
+        ["alice/big.jpg", "bob/saved_again.png"], ["alice/near.jpg", "bob/saved_again.png"]]
+    assert all(d["labels"] == ["alice", "bob"] for d in crossed)
+    assert [d["conflict"] for d in result.near_duplicates].count(False) == 1
+    groups = result.images.set_index("path")["group"]
+    assert groups["bob/saved_again.png"] == groups["alice/big.jpg"] == groups["alice/near.jpg"]
+    assert "bob/saved_again.png" in set(result.images["path"]), "kept, not dropped"
+    report = format_scan_report(result).splitlines()
+    assert "note: 3 photos are near-duplicates of a photo in another class (first: " \
+           "alice/big.jpg ~ bob/saved_again.png)" in "\n".join(report)
+    listed = report[report.index("Near-duplicates (kept, never split apart): 3 pairs") + 1:]
+    assert [line.endswith("; classes alice, bob)") for line in listed] == [True, True, False]
+    assert json.loads(json.dumps(result.summary()))["near_duplicates"] == result.near_duplicates
+    assert do_scan(make_dataset(tmp_path / "ok")).near_duplicates == []
+
+
 def write_near_pair(original: Path, copy: Path, seed: int = 1234) -> None:
     """A photo and a resized (96 -> 90 px), re-encoded (quality 70) copy of it."""
     photo(seed, (96, 96)).save(original, quality=95)

@@ -97,7 +97,7 @@ class ScanResult:
     images: pd.DataFrame
     skipped: list[dict] = field(default_factory=list)  # {"path", "reason"}
     duplicates: list[dict] = field(default_factory=list)  # exact copies: {"sha256", "paths", "labels", "conflict"}
-    near_duplicates: list[dict] = field(default_factory=list)  # {"paths", "labels", "distance"}
+    near_duplicates: list[dict] = field(default_factory=list)  # {"paths", "labels", "distance", "conflict"}
     empty_classes: list[str] = field(default_factory=list)
     excluded_no_face: int = 0  # images left out by --no-face-policy skip
 
@@ -686,9 +686,10 @@ def _find_duplicates(result: ScanResult) -> None:
     limit = result.config.near_duplicate_distance
     for i, j, dist in _near_pairs(hashes, limit):
         parent[find(i)] = find(j)
+        labels = sorted({df.at[i, "label"], df.at[j, "label"]})
         result.near_duplicates.append(
-            {"paths": [df.at[i, "path"], df.at[j, "path"]],
-             "labels": sorted({df.at[i, "label"], df.at[j, "label"]}), "distance": int(dist)}
+            {"paths": [df.at[i, "path"], df.at[j, "path"]], "labels": labels,
+             "distance": int(dist), "conflict": len(labels) > 1}
         )
     roots = [find(i) for i in range(len(df))]
     # Group ids are the smallest member's index: stable for the same files.
@@ -898,6 +899,13 @@ def scan_notes(result: ScanResult) -> list[str]:
         if near:
             lines.append(f"note: {near[0]}/ is trained as a person; rename it {unknown}/ or pass "
                          f"--unknown-name {near[0]}")
+    crossed = [d for d in result.near_duplicates if d["conflict"]]
+    if crossed:
+        photos = len({p for d in crossed for p in d["paths"]})
+        a, b = crossed[0]["paths"]
+        lines.append(f"note: {photos} photos are near-duplicates of a photo in another class "
+                     f"(first: {a} ~ {b}); one photo under two names teaches the model a wrong "
+                     "one: check their labels (`personclf-tune data` lists these pairs first)")
     for names in result.similar_classes():
         same_text = len({unicodedata.normalize("NFC", n) for n in names}) == 1
         how = ("are the same name in two Unicode forms (macOS writes names decomposed)"
@@ -958,8 +966,10 @@ def format_scan_report(result: ScanResult, max_rows: int = 200) -> str:
             lines.append(f"  conflict {', '.join(d['labels'])}: {', '.join(d['paths'])}")
     if result.near_duplicates:
         lines.append(f"\nNear-duplicates (kept, never split apart): {len(result.near_duplicates)} pairs")
-        for d in result.near_duplicates[:20]:
-            lines.append(f"  {d['paths'][0]} ~ {d['paths'][1]} (distance {d['distance']})")
+        # Pairs across two classes first: they are the ones to look at.
+        for d in sorted(result.near_duplicates, key=lambda d: not d["conflict"])[:20]:
+            crossed = f"; classes {', '.join(d['labels'])}" if d["conflict"] else ""
+            lines.append(f"  {d['paths'][0]} ~ {d['paths'][1]} (distance {d['distance']}{crossed})")
         if len(result.near_duplicates) > 20:
             lines.append(f"  ... and {len(result.near_duplicates) - 20} more (see --json)")
     return "\n".join(lines)
