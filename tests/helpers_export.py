@@ -68,19 +68,21 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def fake_export(folder: Path, balanced_accuracy: float, tag: str = "") -> Path:
+def fake_export(folder: Path, balanced_accuracy: float, tag: str = "",
+                classes=("A", "B", "Unknown"), test_set: dict | None = None) -> Path:
     """An export folder with small files and a valid manifest (no TensorFlow): for deploy tests."""
     folder = Path(folder)
     (folder / "saved_model").mkdir(parents=True, exist_ok=True)
     contents = {"model_int8.tflite": b"int8 " + tag.encode() * 100,
                 "model_float32.tflite": b"float " + tag.encode() * 100,
                 "saved_model/saved_model.pb": b"pb " + tag.encode(),
-                "labels.txt": b"A\nB\nUnknown\n"}
+                "labels.txt": "".join(f"{c}\n" for c in classes).encode()}
     for rel, data in contents.items():
         (folder / rel).write_bytes(data)
     manifest = {"schema_version": 1, "kind": "personclf-tune export", "tag": tag,
-                "classes": ["A", "B", "Unknown"], "threshold": 0.5,
-                "metrics": {"test": {"balanced_accuracy": balanced_accuracy}},
+                "classes": list(classes), "threshold": 0.5,
+                "metrics": {"test": {"balanced_accuracy": balanced_accuracy},
+                            **({"test_set": test_set} if test_set else {})},
                 "parity": {"passed": True},
                 "files": {rel: sha256(folder / rel) for rel in sorted(contents)}}
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))

@@ -42,6 +42,7 @@ from tuner.data import (
     read_split,
     scan,
     split,
+    split_fingerprint,
     split_table,
     write_split,
 )
@@ -1173,6 +1174,25 @@ def test_folders_whose_names_differ_only_in_case_or_unicode_form_are_pointed_out
     assert "note: folders 'Jose\\u0301', 'Jos\\xe9' are the same name in two Unicode forms" in report
     assert result.summary()["similar_classes"] == result.similar_classes()
     assert do_scan(make_dataset(tmp_path / "ok")).similar_classes() == []
+
+
+def test_split_fingerprint_names_the_photos_and_labels_not_where_they_lie(tmp_path):
+    root = make_dataset(tmp_path / "ds", per_class=6)
+    df = split(do_scan(root).images, SplitConfig(seed=3))
+    fp = split_fingerprint(df)
+    assert fp["images"] == (df["split"] == "test").sum() > 0 and fp["by"] == "content"
+    moved = df.assign(path="elsewhere/" + df["path"]).sample(frac=1.0, random_state=0)
+    assert split_fingerprint(moved) == fp, "a moved or reordered dataset is the same test set"
+    test_rows = df.index[df["split"] == "test"]
+    relabelled = df.copy()
+    relabelled.loc[test_rows[0], "label"] = "someone_else"
+    assert split_fingerprint(relabelled)["sha256"] != fp["sha256"]
+    swapped = df.copy()
+    swapped.loc[test_rows[0], "split"] = "train"
+    assert split_fingerprint(swapped)["images"] == fp["images"] - 1
+    by_path = split_fingerprint(df.drop(columns="sha256"))
+    assert by_path["by"] == "path" and by_path["sha256"] != fp["sha256"]
+    assert split_fingerprint(df, "val") != fp
 
 
 def test_a_group_shared_by_two_classes_does_not_cost_a_class_its_test_split():

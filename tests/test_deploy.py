@@ -282,6 +282,42 @@ def test_champion_gate_refuses_a_worse_model_unless_forced(tmp_path, capsys):
     assert json.loads((dest / "current" / "manifest.json").read_text())["tag"] == "worse"
 
 
+def test_champion_gate_refuses_other_people_and_says_which_test_photos_it_compared(
+        tmp_path, capsys):
+    """A model of other people is another task (and a renamed folder changes what the device
+    answers): refused whatever its number, naming the change. Numbers are said to come from
+    the same or different test photos when both manifests carry the test split's fingerprint."""
+    photos = {"images": 40, "by": "content", "sha256": "1" * 64}
+    dest = tmp_path / "device"
+    assert cli("promote", fake_export(tmp_path / "v1", 0.80, "v1", test_set=photos),
+               "--to", dest) == 0
+    capsys.readouterr()
+    for n, (classes, change) in enumerate([
+            (("A", "B", "C", "Unknown"), "(new: C)"),
+            (("A", "b", "Unknown"), "(new: b; no longer: B)")]):
+        other = fake_export(tmp_path / f"other{n}", 0.95, f"other{n}", classes=classes)
+        with pytest.raises(deploy.PromotionRefused) as refused:
+            cli("promote", other, "--to", dest)
+        assert "knows other people than the current release" in str(refused.value)
+        assert change in str(refused.value) and "--force" in str(refused.value)
+    assert json.loads((dest / "current" / "manifest.json").read_text())["tag"] == "v1"
+
+    worse_same = fake_export(tmp_path / "same", 0.75, "same", test_set=photos)
+    with pytest.raises(deploy.PromotionRefused, match=r"against 0\.8000 of the current release "
+                       r"\S+ on \S+ on the same 40 test photos; pass --force"):
+        cli("promote", worse_same, "--to", dest)
+    moved = {**photos, "sha256": "2" * 64, "images": 55}
+    with pytest.raises(deploy.PromotionRefused, match=r" on different test photos; pass --force"):
+        cli("promote", fake_export(tmp_path / "diff", 0.75, "diff", test_set=moved), "--to", dest)
+    better = fake_export(tmp_path / "better", 0.85, "better", test_set=photos)
+    assert cli("promote", better, "--to", dest) == 0
+    assert "new 0.8500, current 0.8000 (" in (out := capsys.readouterr().out)
+    assert "; same test photos)" in out
+    assert cli("promote", fake_export(tmp_path / "c", 0.9, "c", classes=("A", "B", "C", "Unknown")),
+               "--to", dest, "--force", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["test_photos"] is None  # the new one has none
+
+
 def test_a_failed_export_is_not_promoted_unless_forced(tmp_path):
     folder = fake_export(tmp_path / "x", 0.9, "x")
     manifest = json.loads((folder / "manifest.json").read_text())
@@ -392,10 +428,11 @@ def test_unreadable_or_incomplete_manifests_are_one_line_refusals(tmp_path):
     deploy.promote(_edit_manifest(fake_export(tmp_path / "p", 0.85, "p"), parity=None),
                    str(dest))
     # A damaged manifest on the device stops the gate, and --force replaces the release.
-    (dest / "current" / "manifest.json").write_text('{"files": {')
     better = fake_export(tmp_path / "better", 0.95, "better")
-    with pytest.raises(deploy.PromotionRefused, match="unreadable.*--force"):
-        deploy.promote(better, str(dest))
+    for damaged in ('{"files": {', '["not", "an", "object"]'):
+        (dest / "current" / "manifest.json").write_text(damaged)
+        with pytest.raises(deploy.PromotionRefused, match="unreadable.*--force"):
+            deploy.promote(better, str(dest))
     assert deploy.promote(better, str(dest), force=True).release.startswith("0003-")
     # A damaged source manifest is a one-line error too.
     (better / "manifest.json").write_text("[1, 2")

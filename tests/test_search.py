@@ -28,6 +28,7 @@ import pytest
 
 from conftest import TINY_SPACE, copy_people, tiny_search_dir
 from tuner import cli
+from tuner.data import split_fingerprint
 from tuner.report import PARAM_COLUMNS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,6 +152,11 @@ def test_end_to_end(work, optuna_run, sample_dir, tmp_path, capsys):
     assert 0.0 <= manifest["threshold"] <= 1.0
     assert set(manifest["metrics"]["test"]) == {"accuracy", "balanced_accuracy", "macro_f1"}
     assert set(manifest["metrics"]["val"]) >= {"accuracy", "balanced_accuracy", "macro_f1"}
+    split_rows = pd.read_csv(run / "split.csv", dtype=str, na_filter=False)
+    test_set = manifest["metrics"]["test_set"]  # which photos the champion gate compares on
+    assert test_set == split_fingerprint(split_rows) and test_set["by"] == "content"
+    assert test_set["images"] == (split_rows["split"] == "test").sum() == json.loads(
+        (run / "best" / "test_report.json").read_text())["n"]
     assert manifest["source"]["trial"] == number
     assert manifest["source"]["trial_value"] == pytest.approx(float(best["value"]))
     hyper = manifest["hyperparameters"]

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import __version__
 from .config import ScanConfig, TrialParams
-from .data import scan, write_json
+from .data import scan, split_fingerprint, write_json
 from .errors import UsageError
 
 MANIFEST_SCHEMA = 1
@@ -97,6 +97,7 @@ def retrain_best(run, best_row) -> tuple[Path, dict]:
             "test": {k: evaluation[k] for k in ("accuracy", "balanced_accuracy", "macro_f1")},
             "test_without_threshold": argmax_only,
             "test_per_view": evaluation.get("per_view", {}),
+            "test_set": split_fingerprint(run.data.split),
         },
         "hyperparameters": params.to_dict(),
         "training": {"epochs_stage1": result.epochs_stage1,

@@ -866,6 +866,18 @@ def read_split(path: Path, data_dir: Path) -> pd.DataFrame:
     return df
 
 
+def split_fingerprint(df: pd.DataFrame, which: str = "test") -> dict:
+    """Which photos, with which labels, a split holds: two models' test numbers compare only
+    on the same photos (the champion gate says whether they do). By content where split.csv
+    has the hashes (a moved dataset folder keeps its fingerprint), else by path."""
+    rows = df[df["split"] == which]
+    by = "content" if "sha256" in rows and rows["sha256"].astype(bool).all() else "path"
+    ids = rows["sha256" if by == "content" else "path"]
+    lines = sorted(f"{i}\t{label}" for i, label in zip(ids, rows["label"]))
+    return {"images": len(lines), "by": by,
+            "sha256": hashlib.sha256("\n".join(lines).encode()).hexdigest()}
+
+
 def load_or_make_split(scan_result: ScanResult, config: SplitConfig, path: Path) -> pd.DataFrame:
     """Reuse `path` (split.csv) when present, so a resumed run trains on the same split."""
     if path.exists():

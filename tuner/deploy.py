@@ -12,8 +12,8 @@ Files are flushed to disk before `current` moves, so a power cut cannot leave it
 half-written files. Older releases are kept for `rollback` (`--keep N`); a release rolled back
 from is renamed `.rolled-back-<id>` (never a rollback target again, removed by the next
 promote, which also hides one an interrupted rollback left visible). The champion gate
-refuses a model whose test balanced accuracy is worse than the current one's, or that has
-none while the current one has, unless forced. Every file name a manifest lists must be a
+refuses a model whose test balanced accuracy is worse than the current one's, that has none
+while the current one has, or that knows other people, unless forced. Every file name a manifest lists must be a
 plain relative path inside its folder.
 
 Every external command is an argument list (never `shell=True`); commands that run on the
@@ -444,6 +444,8 @@ class PromoteResult:
     current_metric: float | None
     pruned: list[str] = field(default_factory=list)
     already_current: bool = False
+    # Whether both test numbers come from the "same" or "different" test photos (None: unknown).
+    test_photos: str | None = None
 
 
 def promote(source: Path, dest: str, *, keep: int = DEFAULT_KEEP, force: bool = False,
@@ -469,6 +471,8 @@ def _promote(d, folder: Path, manifest: dict, expected: dict, keep: int,
     try:
         text = d.read_manifest(current) if current else None
         current_manifest = json.loads(text) if text is not None else None
+        if current_manifest is not None and not isinstance(current_manifest, dict):
+            raise ValueError("not a JSON object")
     except ValueError:
         if not force:
             raise PromotionRefused(f"{d}: the manifest of the current release {current} is "
@@ -476,7 +480,8 @@ def _promote(d, folder: Path, manifest: dict, expected: dict, keep: int,
                                    "--force to replace it") from None
         current_manifest = None
     new_metric, cur_metric = _metric(manifest), _metric(current_manifest)
-    result = PromoteResult(str(d), None, current, new_metric, cur_metric)
+    result = PromoteResult(str(d), None, current, new_metric, cur_metric,
+                           test_photos=_test_photos(manifest, current_manifest))
     if current_manifest == manifest:
         result.release, result.already_current = current, True
         return result
@@ -485,11 +490,9 @@ def _promote(d, folder: Path, manifest: dict, expected: dict, keep: int,
         raise PromotionRefused(f"{folder}: the export failed its parity check "
                                f"({'; '.join(map(str, parity.get('failures') or []))}); "
                                "fix it, or pass --force")
-    if cur_metric is not None and not force and (new_metric is None or new_metric < cur_metric):
-        raise PromotionRefused(
-            f"champion gate: test {GATE_METRIC} {_fmt(new_metric)} of {folder} is "
-            f"{'missing' if new_metric is None else 'worse'} against {_fmt(cur_metric)} of "
-            f"the current release {current} on {d}; pass --force to promote it anyway")
+    if current_manifest is not None and not force:
+        _champion_gate(f"{folder}", manifest, f"the current release {current} on {d}",
+                       current_manifest, result.test_photos)
     release = _release_id(expected["manifest.json"], d.entries())
     staging = f"{INCOMING}{release}"
     files = sorted(expected)
@@ -614,6 +617,49 @@ def _plain_relative(rel) -> bool:
     return not PurePosixPath(rel).is_absolute() and all(p not in ("", ".", "..") for p in parts)
 
 
+def _champion_gate(new_name: str, new: dict, cur_name: str, cur: dict,
+                   test_photos: str | None) -> None:
+    """Refuse a model the current release beats on test, or one that knows other people.
+
+    Other people make a different task: balanced accuracy over other classes does not
+    compare, and a renamed folder (`alice` -> `Alice`) would change what the device
+    answers. On the same test photos the comparison is paired; after a retrain on changed
+    data the test photos differ, and the message says so.
+    """
+    new_classes, cur_classes = list(new.get("classes") or []), list(cur.get("classes") or [])
+    added = [c for c in new_classes if c not in cur_classes]
+    left = [c for c in cur_classes if c not in new_classes]
+    if cur_classes and (added or left):
+        change = "; ".join(f"{what}: {', '.join(names)}" for what, names in
+                           (("new", added), ("no longer", left)) if names)
+        raise PromotionRefused(f"champion gate: {new_name} knows other people than {cur_name} "
+                               f"({change}), so their test numbers do not compare; pass "
+                               "--force to promote it")
+    new_metric, cur_metric = _metric(new), _metric(cur)
+    if cur_metric is not None and (new_metric is None or new_metric < cur_metric):
+        n = _test_set(new).get("images")
+        where = {"same": f" on the same {n} test photos" if n else " on the same test photos",
+                 "different": " on different test photos"}.get(test_photos or "", "")
+        raise PromotionRefused(
+            f"champion gate: test {GATE_METRIC} {_fmt(new_metric)} of {new_name} is "
+            f"{'missing' if new_metric is None else 'worse'} against {_fmt(cur_metric)} of "
+            f"{cur_name}{where}; pass --force to promote it anyway")
+
+
+def _test_set(manifest: dict | None) -> dict:
+    test_set = ((manifest or {}).get("metrics") or {}).get("test_set")
+    return test_set if isinstance(test_set, dict) else {}
+
+
+def _test_photos(new: dict, cur: dict | None) -> str | None:
+    """"same" or "different" test photos behind the two releases' numbers; None if unknown
+    (a manifest from before fingerprints, or fingerprints of different kinds)."""
+    a, b = _test_set(new), _test_set(cur)
+    if not a.get("sha256") or not b.get("sha256") or a.get("by") != b.get("by"):
+        return None
+    return "same" if a["sha256"] == b["sha256"] else "different"
+
+
 def _metric(manifest: dict | None) -> float | None:
     """The gate's metric, or None when missing or not a finite number."""
     try:
@@ -705,8 +751,9 @@ def cmd_promote(args) -> int:
     if args.json:
         print(json.dumps(result.__dict__, indent=2))
         return 0
+    photos = f"; {result.test_photos} test photos" if result.test_photos else ""
     print(f"test {GATE_METRIC}: new {_fmt(result.new_metric)}, current "
-          f"{_fmt(result.current_metric)} ({result.previous or 'none'})")
+          f"{_fmt(result.current_metric)} ({result.previous or 'none'}{photos})")
     if result.already_current:
         print(f"{result.destination}: this export is already current ({result.release})")
     else:
