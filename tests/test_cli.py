@@ -126,6 +126,7 @@ def test_backbone_not_in_space(data, space, tmp_path, capsys):
     ("--near-duplicate-distance", "-3", "--near-duplicate-distance -3: must be between 0 and 64"),
     ("--test-fraction", "0", "--test-fraction 0.0: must be above 0 and below 1"),
     ("--workers", "0", "--workers 0: must be at least 1"),
+    ("--group-pattern", "Unknown/(", "--group-pattern 'Unknown/(': not a regular expression"),
 ])
 def test_out_of_range_flags_are_named(data, flag, value, message, in_tmp, capsys):
     assert cli.main(["--data", str(data), flag, value]) == 2
@@ -327,3 +328,11 @@ def test_stage2_warmup_flag_is_part_of_a_runs_identity_and_old_runs_resume(data,
     _check_config(off, run / "config.json")
     with pytest.raises(UsageError, match=r"fit\.warmup_epochs_stage2"):
         _check_config(default, run / "config.json")
+    # Likewise --group-pattern: such a directory split photo by photo.
+    del old["scan"]["group_pattern"]
+    (run / "config.json").write_text(json.dumps({**old, "version": 1}))
+    _check_config(off, run / "config.json")
+    grouped = cli.search_config(cli.build_parser().parse_args(
+        [*argv, "--stage2-warmup-epochs", "0", "--group-pattern", "^Unknown/(.+)_"]))
+    with pytest.raises(UsageError, match=r"\(scan\.group_pattern\)"):
+        _check_config(grouped, run / "config.json")

@@ -30,6 +30,7 @@ import pytest
 from PIL import Image
 
 import tuner.data as data
+from conftest import copy_people
 from tuner.cli import main
 from tuner.config import ScanConfig, SplitConfig
 from tuner.data import (
@@ -1193,6 +1194,59 @@ def test_split_fingerprint_names_the_photos_and_labels_not_where_they_lie(tmp_pa
     by_path = split_fingerprint(df.drop(columns="sha256"))
     assert by_path["by"] == "path" and by_path["sha256"] != fp["sha256"]
     assert split_fingerprint(df, "val") != fp
+
+
+STRANGERS = ("John_Ashcroft", "Junichiro_Koizumi", "Serena_Williams", "Gerhard_Schroeder",
+             "Tony_Blair")
+
+
+def test_group_pattern_keeps_each_stranger_in_one_split(datasets, tmp_path, capsys):
+    """Real LFW photos: three people, and an Unknown/ folder of five strangers with eight
+    photos each. Split photo by photo, every stranger lands in two or three splits, so the
+    test split measures recognising strangers already trained on as Unknown, not rejecting
+    new ones; grouped by the name in the file, each stays in one split."""
+    lfw = datasets / "lfw_12people"
+    root = copy_people(lfw, tmp_path / "ds", ["Ariel_Sharon", "Hugo_Chavez", "Jean_Chretien"], 15)
+    (root / "Unknown").mkdir()
+    for person in STRANGERS:
+        for f in sorted((lfw / person).iterdir())[:8]:
+            shutil.copy2(f, root / "Unknown" / f.name)
+
+    def splits_per_stranger(result) -> list[int]:
+        df = split(result.images, SplitConfig())
+        who = df["path"].str.extract(r"^Unknown/(.+)_\d+\.jpg$")[0]
+        return df.assign(who=who).dropna().groupby("who")["split"].nunique().tolist()
+
+    plain = do_scan(root)
+    assert plain.pattern_groups is None and max(splits_per_stranger(plain)) >= 2
+    pattern = r"^Unknown/(.+)_[0-9]+\.jpg$"
+    grouped = do_scan(root, group_pattern=pattern)
+    assert splits_per_stranger(grouped) == [1] * 5
+    assert grouped.pattern_groups == {"pattern": pattern, "matched": 40, "unmatched": 45,
+                                      "groups": 5, "largest": {"key": "Gerhard_Schroeder",
+                                                               "photos": 8}}
+    known = grouped.images[grouped.images["label"] != "Unknown"]
+    assert known["group"].nunique() == plain.images.query("label != 'Unknown'")["group"].nunique()
+    assert grouped.images.groupby("label")["group"].nunique()["Unknown"] == 5
+    assert json.loads(json.dumps(grouped.summary()))["pattern_groups"] == grouped.pattern_groups
+    assert (f"--group-pattern '{pattern}': 40 photos in 5 groups that never straddle two splits "
+            "(largest: 'Gerhard_Schroeder', 8 photos); 45 matched nothing and stand alone"
+            ) in format_scan_report(grouped)
+    # The split file carries the groups, and a search given the flag splits the same way.
+    out = tmp_path / "split.csv"
+    assert main(["data", str(root), "--group-pattern", pattern, "--split", str(out)]) == 0
+    written = pd.read_csv(out)
+    who = written["path"].str.extract(r"^Unknown/(.+)_\d+\.jpg$")[0]
+    assert written.assign(who=who).dropna().groupby("who")["split"].nunique().max() == 1
+    capsys.readouterr()
+    # A pattern that matches nothing says so, with a path to match against.
+    missed = format_scan_report(do_scan(root, group_pattern=r"^unknown/"))
+    assert "note: --group-pattern '^unknown/' matched no photo, so it groups nothing; it is " \
+           "searched in paths like 'Ariel_Sharon/Ariel_Sharon_0001.jpg'" in missed
+    # Too few groups for a class is the usual one-line refusal, naming the pattern.
+    with pytest.raises(DatasetError, match=r"class 'Unknown' has 1 distinct usable image\(s\) "
+                       r"\(40 photos, .* and photos with one --group-pattern key counted once\)"):
+        do_scan(root, group_pattern=r"^Unknown/").validate()
 
 
 def test_a_group_shared_by_two_classes_does_not_cost_a_class_its_test_split():

@@ -28,6 +28,10 @@ def _add_scan_flags(p: argparse.ArgumentParser) -> None:
                         "(face not visible): the person (member), Unknown, or left out (skip)")
     p.add_argument("--near-duplicate-distance", type=int, default=4, metavar="BITS",
                    help="perceptual-hash distance (0-64) at which two images count as near-duplicates")
+    p.add_argument("--group-pattern", metavar="REGEX",
+                   help="photos whose paths give the same match (its first group, if any) stay "
+                        "in one split: one stranger's photos, one camera event's frames "
+                        "(e.g. '^Unknown/(.+)_[0-9]+\\.jpg$')")
 
 
 def _add_split_flags(p: argparse.ArgumentParser, seed: bool) -> None:
@@ -207,7 +211,8 @@ def search_config(args: argparse.Namespace):
                     jit_compile=args.jit_compile)
     scan_cfg = ScanConfig(args.data, unknown_name=args.unknown_name,
                           no_face_policy=args.no_face_policy,
-                          near_duplicate_distance=args.near_duplicate_distance)
+                          near_duplicate_distance=args.near_duplicate_distance,
+                          group_pattern=args.group_pattern)
     return SearchConfig(
         data_dir=args.data, run_dir=args.output or next_run_dir(), trials=args.trials,
         space=resolve_space(args.space),
@@ -345,7 +350,8 @@ def cmd_data(args: argparse.Namespace) -> int:
         raise UsageError("data: give the dataset folder: personclf-tune data DIR")
     config = ScanConfig(data_dir, unknown_name=args.unknown_name,
                         no_face_policy=args.no_face_policy,
-                        near_duplicate_distance=args.near_duplicate_distance)
+                        near_duplicate_distance=args.near_duplicate_distance,
+                        group_pattern=args.group_pattern)
     split_config = SplitConfig(args.val_fraction, args.test_fraction, args.seed)
     for flag, out in (("--json", args.json), ("--split", args.split)):
         _check_output(flag, out, config.data_dir)

@@ -34,6 +34,11 @@ class ScanConfig:
     near_duplicate_distance: int = 4
     # Images whose declared pixel count exceeds this are refused as decompression bombs.
     max_pixels: int = 64_000_000
+    # A regular expression searched in each image's path (relative, with /): photos whose
+    # match (its first group, if it has one) is the same lie in one split, like one stranger's
+    # photos in Unknown/ or one camera event's frames. None: each photo (or near-duplicate
+    # group) on its own.
+    group_pattern: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
@@ -44,6 +49,15 @@ class ScanConfig:
         if not 0 <= self.near_duplicate_distance <= 64:
             raise UsageError(f"--near-duplicate-distance {self.near_duplicate_distance}: "
                              "must be between 0 and 64 bits")
+        if self.group_pattern is not None:
+            try:
+                re.compile(self.group_pattern)
+            except re.error as exc:
+                raise UsageError(f"--group-pattern {self.group_pattern!r}: not a regular "
+                                 f"expression ({exc})") from None
+            if self.group_pattern == "":
+                raise UsageError("--group-pattern '': give a pattern, e.g. "
+                                 "'^Unknown/(.+)_[0-9]+\\.jpg$'")
 
 
 @dataclass(frozen=True)

@@ -100,6 +100,8 @@ class ScanResult:
     near_duplicates: list[dict] = field(default_factory=list)  # {"paths", "labels", "distance", "conflict"}
     empty_classes: list[str] = field(default_factory=list)
     excluded_no_face: int = 0  # images left out by --no-face-policy skip
+    # --group-pattern: {"pattern", "matched", "unmatched", "groups", "largest": {"key", "photos"}}
+    pattern_groups: dict | None = None
 
     @property
     def classes(self) -> list[str]:
@@ -149,6 +151,7 @@ class ScanResult:
             "empty_classes": self.empty_classes,
             "similar_classes": self.similar_classes(),
             "excluded_no_face": self.excluded_no_face,
+            "pattern_groups": self.pattern_groups,
             "fingerprint": self.fingerprint(),
         }
 
@@ -170,9 +173,11 @@ class ScanResult:
         photos = self.images.groupby("label").size()
         for label, n in groups.items():
             if n < MIN_IMAGES_PER_CLASS:
+                keyed = (" and photos with one --group-pattern key"
+                         if self.config.group_pattern is not None else "")
                 near = (f" ({photos[label]} photos, near-duplicates within "
-                        f"--near-duplicate-distance {self.config.near_duplicate_distance} "
-                        "counted once)" if photos[label] > n else "")
+                        f"--near-duplicate-distance {self.config.near_duplicate_distance}"
+                        f"{keyed} counted once)" if photos[label] > n else "")
                 raise DatasetError(
                     f"class {label!r} has {n} distinct usable image(s){near}; each class needs "
                     f"at least {MIN_IMAGES_PER_CLASS} to split into train/val/test: add photos "
@@ -691,6 +696,13 @@ def _find_duplicates(result: ScanResult) -> None:
             {"paths": [df.at[i, "path"], df.at[j, "path"]], "labels": labels,
              "distance": int(dist), "conflict": len(labels) > 1}
         )
+    if result.config.group_pattern is not None:
+        keys = _pattern_keys(df["path"], result.config.group_pattern)
+        first_with: dict[str, int] = {}
+        for i, key in enumerate(keys):
+            if key is not None:
+                parent[find(i)] = find(first_with.setdefault(key, i))
+        result.pattern_groups = _pattern_summary(result.config.group_pattern, keys)
     roots = [find(i) for i in range(len(df))]
     # Group ids are the smallest member's index: stable for the same files.
     first: dict[int, int] = {}
@@ -698,6 +710,26 @@ def _find_duplicates(result: ScanResult) -> None:
         first.setdefault(r, i)
     df["group"] = [first[r] for r in roots]
     result.images = df
+
+
+def _pattern_keys(paths, pattern: str) -> list[str | None]:
+    """Each path's --group-pattern key: the match's first group if the pattern has one (and
+    it took part), else the whole match; None where the pattern is not found."""
+    rx = re.compile(pattern)
+    keys: list[str | None] = []
+    for path in paths:
+        m = rx.search(path)
+        keys.append(None if m is None else
+                    m.group(1) if rx.groups and m.group(1) is not None else m.group(0))
+    return keys
+
+
+def _pattern_summary(pattern: str, keys: list[str | None]) -> dict:
+    counts = Counter(k for k in keys if k is not None)
+    largest = counts.most_common(1)
+    return {"pattern": pattern, "matched": sum(counts.values()),
+            "unmatched": sum(k is None for k in keys), "groups": len(counts),
+            "largest": {"key": largest[0][0], "photos": largest[0][1]} if largest else None}
 
 
 _POPCOUNT8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
@@ -911,6 +943,11 @@ def scan_notes(result: ScanResult) -> list[str]:
         if near:
             lines.append(f"note: {near[0]}/ is trained as a person; rename it {unknown}/ or pass "
                          f"--unknown-name {near[0]}")
+    keyed = result.pattern_groups
+    if keyed is not None and not keyed["matched"]:
+        example = result.images["path"].iloc[0] if len(result.images) else "Alice/IMG_1.jpg"
+        lines.append(f"note: --group-pattern '{keyed['pattern']}' matched no photo, so it groups "
+                     f"nothing; it is searched in paths like {example!r}")
     crossed = [d for d in result.near_duplicates if d["conflict"]]
     if crossed:
         photos = len({p for d in crossed for p in d["paths"]})
@@ -963,6 +1000,13 @@ def format_scan_report(result: ScanResult, max_rows: int = 200) -> str:
                  f"{ratio:.1f} (largest/smallest)" if ratio else f"{total} usable images")
     if result.excluded_no_face:
         lines.append(f"{result.excluded_no_face} no-face images left out (--no-face-policy skip)")
+    keyed = result.pattern_groups
+    if keyed is not None and keyed["matched"]:
+        largest = keyed["largest"]
+        lines.append(f"--group-pattern '{keyed['pattern']}': {keyed['matched']} photos in "
+                     f"{keyed['groups']} groups that never straddle two splits (largest: "
+                     f"{largest['key']!r}, {largest['photos']} photos); {keyed['unmatched']} "
+                     "matched nothing and stand alone")
     lines += scan_notes(result)
     if result.skipped:
         lines += ["", f"Skipped files ({len(result.skipped)}):",
