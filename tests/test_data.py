@@ -952,6 +952,7 @@ def test_lfw_counts_match_readme(lfw, datasets):
     assert lfw.skipped == [{"path": "README.md", "reason": "not inside a class folder"}]
     assert lfw.duplicates == []
     lfw.validate()
+    assert "note:" not in format_scan_report(lfw), "one photo per stranger: nothing to suggest"
 
 
 def cuhk_ids(readme: Path) -> list[str]:
@@ -977,7 +978,8 @@ def test_cuhk03_counts_match_readme_per_policy(datasets, tmp_path, capsys, polic
     assert summary["images"] == (270 if policy == "skip" else 390)
     assert summary["excluded_no_face"] == (120 if policy == "skip" else 0)
     assert summary["duplicates"] == [] and summary["no_face_policy"] == policy
-    assert "Traceback" not in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err and "note:" not in out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1219,6 +1221,13 @@ def test_group_pattern_keeps_each_stranger_in_one_split(datasets, tmp_path, caps
 
     plain = do_scan(root)
     assert plain.pattern_groups is None and max(splits_per_stranger(plain)) >= 2
+    # The scan sees the repeated names and suggests a pattern, which groups them the same way.
+    suggested = re.search(r"note: 40 photos in Unknown/ share a name with another \(5 names, "
+                          r"e\.g\. Unknown/Gerhard_Schroeder_0001\.jpg and Unknown/"
+                          r"Gerhard_Schroeder_0002\.jpg\); if a name is one stranger, pass "
+                          r"--group-pattern '(.+)' so that each", format_scan_report(plain))
+    assert suggested is not None
+    assert do_scan(root, group_pattern=suggested[1]).pattern_groups["groups"] == 5
     pattern = r"^Unknown/(.+)_[0-9]+\.jpg$"
     grouped = do_scan(root, group_pattern=pattern)
     assert splits_per_stranger(grouped) == [1] * 5
@@ -1239,6 +1248,10 @@ def test_group_pattern_keeps_each_stranger_in_one_split(datasets, tmp_path, caps
     who = written["path"].str.extract(r"^Unknown/(.+)_\d+\.jpg$")[0]
     assert written.assign(who=who).dropna().groupby("who")["split"].nunique().max() == 1
     capsys.readouterr()
+    # One camera's names (IMG_0001.jpg, ...) are not taken for one stranger.
+    for i, f in enumerate(sorted((root / "Unknown").iterdir())):
+        f.rename(f.with_name(f"IMG_{i:04d}.jpg"))
+    assert "share a name" not in format_scan_report(do_scan(root))
     # A pattern that matches nothing says so, with a path to match against.
     missed = format_scan_report(do_scan(root, group_pattern=r"^unknown/"))
     assert "note: --group-pattern '^unknown/' matched no photo, so it groups nothing; it is " \

@@ -948,6 +948,9 @@ def scan_notes(result: ScanResult) -> list[str]:
         example = result.images["path"].iloc[0] if len(result.images) else "Alice/IMG_1.jpg"
         lines.append(f"note: --group-pattern '{keyed['pattern']}' matched no photo, so it groups "
                      f"nothing; it is searched in paths like {example!r}")
+    suggestion = _group_pattern_suggestion(result)
+    if suggestion:
+        lines.append(suggestion)
     crossed = [d for d in result.near_duplicates if d["conflict"]]
     if crossed:
         photos = len({p for d in crossed for p in d["paths"]})
@@ -963,6 +966,30 @@ def scan_notes(result: ScanResult) -> list[str]:
         lines.append(f"note: folders {shown} {how}: if they are one person, merge them into one "
                      "folder, or each counts as a different person")
     return lines
+
+
+def _group_pattern_suggestion(result: ScanResult) -> str | None:
+    """A note when the file names in Unknown/ look like several photos per stranger
+    (`Name_0001.jpg`, `Name_0002.jpg`, for two or more names), and no --group-pattern is set.
+
+    Not for one name holding most photos (`IMG_0001.jpg`, ... from one camera), nor for
+    names that never repeat (the shared datasets: one photo per stranger).
+    """
+    unknown = result.config.unknown_name
+    if result.config.group_pattern is not None:
+        return None
+    pattern = f"^{re.escape(unknown)}/(?:.*/)?(.+?)[-_ .]*[0-9]+\\.[^./]+$"
+    paths = [p for p in result.images["path"] if p.startswith(f"{unknown}/")]
+    keys = _pattern_keys(paths, pattern)
+    repeated = {k: n for k, n in Counter(k for k in keys if k).items() if n > 1}
+    photos = sum(repeated.values())
+    if len(repeated) < 2 or photos < 0.2 * len(paths) or max(repeated.values()) > 0.5 * len(paths):
+        return None
+    first = next(k for k in keys if k in repeated)
+    a, b = [p for p, k in zip(paths, keys) if k == first][:2]
+    return (f"note: {photos} photos in {unknown}/ share a name with another ({len(repeated)} "
+            f"names, e.g. {a} and {b}); if a name is one stranger, pass --group-pattern "
+            f"'{pattern}' so that each stranger's photos stay in one split")
 
 
 def skipped_text(skipped: list[dict], data_dir: Path, full_list: str,
