@@ -289,8 +289,8 @@ def test_champion_gate_refuses_other_people_and_says_which_test_photos_it_compar
     the same or different test photos when both manifests carry the test split's fingerprint."""
     photos = {"images": 40, "by": "content", "sha256": "1" * 64}
     dest = tmp_path / "device"
-    assert cli("promote", fake_export(tmp_path / "v1", 0.80, "v1", test_set=photos),
-               "--to", dest) == 0
+    assert cli("promote", fake_export(tmp_path / "v1", 0.80, "v1", test_set=photos,
+                                      ci95=[0.7, 0.9]), "--to", dest) == 0
     capsys.readouterr()
     for n, (classes, change) in enumerate([
             (("A", "B", "C", "Unknown"), "(new: C)"),
@@ -302,9 +302,11 @@ def test_champion_gate_refuses_other_people_and_says_which_test_photos_it_compar
         assert change in str(refused.value) and "--force" in str(refused.value)
     assert json.loads((dest / "current" / "manifest.json").read_text())["tag"] == "v1"
 
-    worse_same = fake_export(tmp_path / "same", 0.75, "same", test_set=photos)
+    worse_same = fake_export(tmp_path / "same", 0.75, "same", test_set=photos,
+                             ci95=[0.651, 0.849])
     with pytest.raises(deploy.PromotionRefused, match=r"against 0\.8000 of the current release "
-                       r"\S+ on \S+ on the same 40 test photos; pass --force"):
+                       r"\S+ on \S+ on the same 40 test photos \(95% intervals: new 0\.65-0\.85, "
+                       r"current 0\.70-0\.90\); pass --force"):
         cli("promote", worse_same, "--to", dest)
     moved = {**photos, "sha256": "2" * 64, "images": 55}
     with pytest.raises(deploy.PromotionRefused, match=r" on different test photos; pass --force"):

@@ -318,6 +318,38 @@ def test_evaluate_predictions_with_threshold_names_and_one_view():
         report.evaluate_predictions(y, probs[:, :3], classes)
 
 
+def test_bootstrap_intervals_resample_within_classes_and_narrow_with_more_photos():
+    y, probs, classes, _ = _random_case()
+    pred = probs.argmax(axis=1)
+    # Each resample's metrics are sklearn's (a predicted class absent from y included).
+    rng = np.random.default_rng(5)
+    idx = rng.integers(0, len(y), (20, len(y)))
+    fast = report._confusion_metrics(y[idx], pred[idx], len(classes))
+    for i in range(20):
+        for name, fn in report._METRICS.items():
+            assert fast[name][i] == pytest.approx(fn(y[idx[i]], pred[idx[i]]), abs=1e-12), name
+    ev = report.evaluate_predictions(y, probs, classes)
+    assert ev["ci95"] == report.bootstrap_intervals(y, pred, len(classes)), "seeded"
+    for name, (low, high) in ev["ci95"].items():
+        assert low < ev[name] < high, name
+    # Within classes: one photo of a third person, always missed, weighs a third in every
+    # resample (resampled across classes it would drop out of about a third of them, and
+    # balanced accuracy would reach 1.0 there).
+    one_missed = np.array([0] * 50 + [1] * 50 + [2])
+    ci = report.bootstrap_intervals(one_missed, np.minimum(one_missed, 1) * (one_missed < 2), 3)
+    assert ci["balanced_accuracy"] == pytest.approx([2 / 3, 2 / 3])
+    assert ci["accuracy"] == pytest.approx([100 / 101, 100 / 101])
+    # 64 times the photos at the same error rate: about an eighth of the width.
+    many_y, many_pred = np.tile(y, 64), np.tile(pred, 64)
+    wide = report.bootstrap_intervals(y, pred, len(classes))["balanced_accuracy"]
+    narrow = report.bootstrap_intervals(many_y, many_pred, len(classes))["balanced_accuracy"]
+    assert 5 < (wide[1] - wide[0]) / (narrow[1] - narrow[0]) < 11
+    text = report.format_evaluation(ev)
+    low, high = ev["ci95"]["balanced_accuracy"]
+    assert "95% intervals (bootstrap over the photos): accuracy " in text
+    assert f"balanced accuracy {low:.2f}-{high:.2f}" in text
+
+
 @pytest.mark.parametrize("k", [3, 40])
 def test_plot_confusion_matrix(tmp_path, k):
     classes = [f"person_{i:02d}" for i in range(k - 1)] + ["Unknown"]

@@ -155,8 +155,11 @@ def test_end_to_end(work, optuna_run, sample_dir, tmp_path, capsys):
     split_rows = pd.read_csv(run / "split.csv", dtype=str, na_filter=False)
     test_set = manifest["metrics"]["test_set"]  # which photos the champion gate compares on
     assert test_set == split_fingerprint(split_rows) and test_set["by"] == "content"
-    assert test_set["images"] == (split_rows["split"] == "test").sum() == json.loads(
-        (run / "best" / "test_report.json").read_text())["n"]
+    test_report = json.loads((run / "best" / "test_report.json").read_text())
+    assert test_set["images"] == (split_rows["split"] == "test").sum() == test_report["n"]
+    assert manifest["metrics"]["test_ci95"] == test_report["ci95"]
+    for name, (low, high) in test_report["ci95"].items():
+        assert low <= manifest["metrics"]["test"][name] <= high, name
     assert manifest["source"]["trial"] == number
     assert manifest["source"]["trial_value"] == pytest.approx(float(best["value"]))
     hyper = manifest["hyperparameters"]

@@ -95,6 +95,7 @@ def retrain_best(run, best_row) -> tuple[Path, dict]:
         "metrics": {
             "val": {k: v for k, v in score(val.y, probs_val).items()},
             "test": {k: evaluation[k] for k in ("accuracy", "balanced_accuracy", "macro_f1")},
+            "test_ci95": evaluation.get("ci95"),
             "test_without_threshold": argmax_only,
             "test_per_view": evaluation.get("per_view", {}),
             "test_set": split_fingerprint(run.data.split),

@@ -643,7 +643,20 @@ def _champion_gate(new_name: str, new: dict, cur_name: str, cur: dict,
         raise PromotionRefused(
             f"champion gate: test {GATE_METRIC} {_fmt(new_metric)} of {new_name} is "
             f"{'missing' if new_metric is None else 'worse'} against {_fmt(cur_metric)} of "
-            f"{cur_name}{where}; pass --force to promote it anyway")
+            f"{cur_name}{where}{_intervals(new, cur)}; pass --force to promote it anyway")
+
+
+def _intervals(new: dict, cur: dict) -> str:
+    """" (95% intervals: new a-b, current c-d)" where both manifests have them: how far apart
+    two point estimates are is what a user weighs before --force."""
+    found = []
+    for manifest in (new, cur):
+        try:
+            low, high = (float(v) for v in manifest["metrics"]["test_ci95"][GATE_METRIC])
+        except (TypeError, KeyError, ValueError):
+            return ""
+        found.append(f"{low:.2f}-{high:.2f}")
+    return f" (95% intervals: new {found[0]}, current {found[1]})"
 
 
 def _test_set(manifest: dict | None) -> dict:
