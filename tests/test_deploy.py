@@ -440,6 +440,11 @@ def test_unreadable_or_incomplete_manifests_are_one_line_refusals(tmp_path):
     (better / "manifest.json").write_text("[1, 2")
     with pytest.raises(UsageError, match="unreadable manifest"):
         deploy.promote(better, str(dest))
+    # A hand-edited device manifest whose metrics are not a mapping has no number to beat.
+    (dest / "current" / "manifest.json").write_text(
+        json.dumps({"classes": ["A", "B", "Unknown"], "metrics": [1, 2]}))
+    result = deploy.promote(fake_export(tmp_path / "next", 0.5, "next"), str(dest))
+    assert result.current_metric is None and result.test_photos is None
 
 
 def test_a_changed_manifest_is_a_new_release(tmp_path):

@@ -49,15 +49,15 @@ class ScanConfig:
         if not 0 <= self.near_duplicate_distance <= 64:
             raise UsageError(f"--near-duplicate-distance {self.near_duplicate_distance}: "
                              "must be between 0 and 64 bits")
+        if self.group_pattern == "":
+            raise UsageError("--group-pattern '': give a pattern, e.g. "
+                             "'^Unknown/(.+)_[0-9]+\\.jpg$'")
         if self.group_pattern is not None:
             try:
                 re.compile(self.group_pattern)
             except re.error as exc:
                 raise UsageError(f"--group-pattern {self.group_pattern!r}: not a regular "
                                  f"expression ({exc})") from None
-            if self.group_pattern == "":
-                raise UsageError("--group-pattern '': give a pattern, e.g. "
-                                 "'^Unknown/(.+)_[0-9]+\\.jpg$'")
 
 
 @dataclass(frozen=True)

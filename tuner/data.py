@@ -933,7 +933,8 @@ def split_table(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def scan_notes(result: ScanResult) -> list[str]:
-    """The "note:" lines: folder names that are probably a mistake. A search logs them too."""
+    """The "note:" lines: what in the folder is probably a mistake (folder names, one photo
+    in two classes) or would leak between splits (a stranger's photos). A search logs them too."""
     lines = []
     classes, unknown = result.classes, result.config.unknown_name
     if unknown not in classes:

@@ -13,8 +13,8 @@ half-written files. Older releases are kept for `rollback` (`--keep N`); a relea
 from is renamed `.rolled-back-<id>` (never a rollback target again, removed by the next
 promote, which also hides one an interrupted rollback left visible). The champion gate
 refuses a model whose test balanced accuracy is worse than the current one's, that has none
-while the current one has, or that knows other people, unless forced. Every file name a manifest lists must be a
-plain relative path inside its folder.
+while the current one has, or that knows other people, unless forced. Every file name a
+manifest lists must be a plain relative path inside its folder.
 
 Every external command is an argument list (never `shell=True`); commands that run on the
 remote host are quoted with `shlex` because ssh hands them to the remote shell.
@@ -623,8 +623,9 @@ def _champion_gate(new_name: str, new: dict, cur_name: str, cur: dict,
 
     Other people make a different task: balanced accuracy over other classes does not
     compare, and a renamed folder (`alice` -> `Alice`) would change what the device
-    answers. On the same test photos the comparison is paired; after a retrain on changed
-    data the test photos differ, and the message says so.
+    answers. The message says whether the two numbers come from the same test photos (a
+    re-export, a retrain on the same split) or from different ones (a retrain on changed
+    data), and gives their intervals where both manifests have them.
     """
     new_classes, cur_classes = list(new.get("classes") or []), list(cur.get("classes") or [])
     added = [c for c in new_classes if c not in cur_classes]
@@ -660,7 +661,8 @@ def _intervals(new: dict, cur: dict) -> str:
 
 
 def _test_set(manifest: dict | None) -> dict:
-    test_set = ((manifest or {}).get("metrics") or {}).get("test_set")
+    metrics = (manifest or {}).get("metrics")  # a device's manifest may be hand-edited
+    test_set = metrics.get("test_set") if isinstance(metrics, dict) else None
     return test_set if isinstance(test_set, dict) else {}
 
 
