@@ -492,7 +492,7 @@ def _promote(d, folder: Path, manifest: dict, expected: dict, keep: int,
                                "fix it, or pass --force")
     if current_manifest is not None and not force:
         _champion_gate(f"{folder}", manifest, f"the current release {current} on {d}",
-                       current_manifest, result.test_photos)
+                       current_manifest, result)
     release = _release_id(expected["manifest.json"], d.entries())
     staging = f"{INCOMING}{release}"
     files = sorted(expected)
@@ -618,7 +618,7 @@ def _plain_relative(rel) -> bool:
 
 
 def _champion_gate(new_name: str, new: dict, cur_name: str, cur: dict,
-                   test_photos: str | None) -> None:
+                   compared: PromoteResult) -> None:
     """Refuse a model the current release beats on test, or one that knows other people.
 
     Other people make a different task: balanced accuracy over other classes does not
@@ -636,11 +636,11 @@ def _champion_gate(new_name: str, new: dict, cur_name: str, cur: dict,
         raise PromotionRefused(f"champion gate: {new_name} knows other people than {cur_name} "
                                f"({change}), so their test numbers do not compare; pass "
                                "--force to promote it")
-    new_metric, cur_metric = _metric(new), _metric(cur)
+    new_metric, cur_metric = compared.new_metric, compared.current_metric
     if cur_metric is not None and (new_metric is None or new_metric < cur_metric):
         n = _test_set(new).get("images")
         where = {"same": f" on the same {n} test photos" if n else " on the same test photos",
-                 "different": " on different test photos"}.get(test_photos or "", "")
+                 "different": " on different test photos"}.get(compared.test_photos or "", "")
         raise PromotionRefused(
             f"champion gate: test {GATE_METRIC} {_fmt(new_metric)} of {new_name} is "
             f"{'missing' if new_metric is None else 'worse'} against {_fmt(cur_metric)} of "
