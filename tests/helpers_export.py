@@ -70,7 +70,7 @@ def sha256(path: Path) -> str:
 
 def fake_export(folder: Path, balanced_accuracy: float, tag: str = "",
                 classes=("A", "B", "Unknown"), test_set: dict | None = None,
-                ci95: list[float] | None = None) -> Path:
+                ci95: list[float] | None = None, predictions: dict | None = None) -> Path:
     """An export folder with small files and a valid manifest (no TensorFlow): for deploy tests."""
     folder = Path(folder)
     (folder / "saved_model").mkdir(parents=True, exist_ok=True)
@@ -84,7 +84,8 @@ def fake_export(folder: Path, balanced_accuracy: float, tag: str = "",
                 "classes": list(classes), "threshold": 0.5,
                 "metrics": {"test": {"balanced_accuracy": balanced_accuracy},
                             **({"test_set": test_set} if test_set else {}),
-                            **({"test_ci95": {"balanced_accuracy": ci95}} if ci95 else {})},
+                            **({"test_ci95": {"balanced_accuracy": ci95}} if ci95 else {}),
+                            **({"test_predictions": predictions} if predictions else {})},
                 "parity": {"passed": True},
                 "files": {rel: sha256(folder / rel) for rel in sorted(contents)}}
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))

@@ -288,9 +288,15 @@ def test_champion_gate_refuses_other_people_and_says_which_test_photos_it_compar
     answers): refused whatever its number, naming the change. Numbers are said to come from
     the same or different test photos when both manifests carry the test split's fingerprint."""
     photos = {"images": 40, "by": "content", "sha256": "1" * 64}
+    truth = {f"{i:016x}": "AB"[i % 2] for i in range(40)}
+
+    def predicted(wrong: set[int]) -> dict:
+        return {k: [t, "Unknown" if i in wrong else t] for i, (k, t) in enumerate(truth.items())}
+
     dest = tmp_path / "device"
     assert cli("promote", fake_export(tmp_path / "v1", 0.80, "v1", test_set=photos,
-                                      ci95=[0.7, 0.9]), "--to", dest) == 0
+                                      ci95=[0.7, 0.9], predictions=predicted(set(range(8)))),
+               "--to", dest) == 0
     capsys.readouterr()
     for n, (classes, change) in enumerate([
             (("A", "B", "C", "Unknown"), "(new: C)"),
@@ -302,11 +308,14 @@ def test_champion_gate_refuses_other_people_and_says_which_test_photos_it_compar
         assert change in str(refused.value) and "--force" in str(refused.value)
     assert json.loads((dest / "current" / "manifest.json").read_text())["tag"] == "v1"
 
+    # Wrong on photos 2-11 where the current one is wrong on 0-7: each alone is right on two
+    # (0, 1) and four (8-11) photos, a split McNemar's exact test gives p = 0.69.
     worse_same = fake_export(tmp_path / "same", 0.75, "same", test_set=photos,
-                             ci95=[0.651, 0.849])
+                             ci95=[0.651, 0.849], predictions=predicted(set(range(2, 12))))
     with pytest.raises(deploy.PromotionRefused, match=r"against 0\.8000 of the current release "
                        r"\S+ on \S+ on the same 40 test photos \(95% intervals: new 0\.65-0\.85, "
-                       r"current 0\.70-0\.90\); pass --force"):
+                       r"current 0\.70-0\.90\); photo by photo, the new model alone is right on "
+                       r"2, the current one alone on 4 \(McNemar exact p = 0\.69\); pass --force"):
         cli("promote", worse_same, "--to", dest)
     moved = {**photos, "sha256": "2" * 64, "images": 55}
     with pytest.raises(deploy.PromotionRefused, match=r" on different test photos; pass --force"):
@@ -445,6 +454,15 @@ def test_unreadable_or_incomplete_manifests_are_one_line_refusals(tmp_path):
         json.dumps({"classes": ["A", "B", "Unknown"], "metrics": [1, 2]}))
     result = deploy.promote(fake_export(tmp_path / "next", 0.5, "next"), str(dest))
     assert result.current_metric is None and result.test_photos is None
+    # Malformed or mismatched photo-by-photo records add nothing to a refusal, and never crash.
+    good = {"metrics": {"test_predictions": {"a": ["A", "A"], "b": ["B", "A"]}}}
+    for bad in ({"metrics": {"test_predictions": [1, 2]}}, {"metrics": None},
+                {"metrics": {"test_predictions": {"a": ["A", "A"], "b": "B"}}},
+                {"metrics": {"test_predictions": {"a": ["A", "A"], "c": ["B", "B"]}}},
+                {"metrics": {"test_predictions": {"a": ["A", "A"], "b": ["A", "A"]}}}):
+        assert deploy._paired_note(good, bad) == deploy._paired_note(bad, good) == ""
+    assert "alone is right on 0, the current one alone on 0 (McNemar exact p = 1.00)" in \
+        deploy._paired_note(good, good)
 
 
 def test_a_changed_manifest_is_a_new_release(tmp_path):

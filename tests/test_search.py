@@ -158,6 +158,13 @@ def test_end_to_end(work, optuna_run, sample_dir, tmp_path, capsys):
     test_report = json.loads((run / "best" / "test_report.json").read_text())
     assert test_set["images"] == (split_rows["split"] == "test").sum() == test_report["n"]
     assert manifest["metrics"]["test_ci95"] == test_report["ci95"]
+    # Each test photo's prediction, keyed by content: the ones the test accuracy scored.
+    rows = manifest["metrics"]["test_predictions"]
+    tested = split_rows[split_rows["split"] == "test"]
+    assert sorted(rows) == sorted(tested["sha256"].str[:16])
+    assert [rows[h][0] for h in tested["sha256"].str[:16]] == tested["label"].tolist()
+    assert np.mean([t == p for t, p in rows.values()]) == pytest.approx(
+        manifest["metrics"]["test"]["accuracy"])
     for name, (low, high) in test_report["ci95"].items():
         assert low <= manifest["metrics"]["test"][name] <= high, name
     assert manifest["source"]["trial"] == number

@@ -51,8 +51,8 @@ def retrain_best(run, best_row) -> tuple[Path, dict]:
     import keras
 
     from .hypermodel import build_model
-    from .report import calibrate_threshold, evaluate_predictions, format_evaluation, \
-        plot_confusion_matrix
+    from .report import apply_threshold, calibrate_threshold, evaluate_predictions, \
+        format_evaluation, plot_confusion_matrix
     from .trial import refit_head, release, run_two_stages, score
 
     cfg = run.config
@@ -99,6 +99,9 @@ def retrain_best(run, best_row) -> tuple[Path, dict]:
             "test_without_threshold": argmax_only,
             "test_per_view": evaluation.get("per_view", {}),
             "test_set": split_fingerprint(run.data.split),
+            "test_predictions": _test_predictions(
+                run.data.split, test, apply_threshold(probs_test, classes, threshold,
+                                                      cfg.scan.unknown_name), classes),
         },
         "hyperparameters": params.to_dict(),
         "training": {"epochs_stage1": result.epochs_stage1,
@@ -112,6 +115,17 @@ def retrain_best(run, best_row) -> tuple[Path, dict]:
     }
     write_json(manifest, out / "manifest.json")
     return out, evaluation
+
+
+def _test_predictions(split_df, test, pred: np.ndarray, classes: list[str]) -> dict | None:
+    """Each test photo's true and predicted class, keyed by the first 16 hex digits of its
+    content's sha256: with it, the champion gate compares two releases photo by photo when
+    they were tested on the same photos. None where split.csv has no hashes."""
+    sha = split_df.set_index("path")["sha256"] if "sha256" in split_df else None
+    if sha is None or not sha.astype(bool).all():
+        return None
+    return {str(sha[path])[:16]: [classes[t], classes[p]]
+            for path, t, p in zip(test.paths, test.y, pred)}
 
 
 def save_model(model, path: Path) -> None:

@@ -644,7 +644,8 @@ def _champion_gate(new_name: str, new: dict, cur_name: str, cur: dict,
         raise PromotionRefused(
             f"champion gate: test {GATE_METRIC} {_fmt(new_metric)} of {new_name} is "
             f"{'missing' if new_metric is None else 'worse'} against {_fmt(cur_metric)} of "
-            f"{cur_name}{where}{_intervals(new, cur)}; pass --force to promote it anyway")
+            f"{cur_name}{where}{_intervals(new, cur)}{_paired_note(new, cur)}; pass --force "
+            "to promote it anyway")
 
 
 def _intervals(new: dict, cur: dict) -> str:
@@ -658,6 +659,32 @@ def _intervals(new: dict, cur: dict) -> str:
             return ""
         found.append(f"{low:.2f}-{high:.2f}")
     return f" (95% intervals: new {found[0]}, current {found[1]})"
+
+
+def _paired_note(new: dict, cur: dict) -> str:
+    """Where both releases were tested on the same photos and recorded each prediction: how
+    many photos each alone gets right, and McNemar's exact test of that split. A point or two
+    of balanced accuracy is often a handful of photos either way, which p says."""
+    from scipy.stats import binomtest
+
+    a, b = _predictions(new), _predictions(cur)
+    if not a or a.keys() != b.keys() or any(a[k][0] != b[k][0] for k in a):
+        return ""
+    new_only = sum(a[k][1] == a[k][0] != b[k][1] for k in a)
+    cur_only = sum(b[k][1] == b[k][0] != a[k][1] for k in a)
+    p = binomtest(new_only, new_only + cur_only).pvalue if new_only + cur_only else 1.0
+    return (f"; photo by photo, the new model alone is right on {new_only}, the current one "
+            f"alone on {cur_only} (McNemar exact p = {p:.2f})")
+
+
+def _predictions(manifest: dict) -> dict:
+    """{photo: [true, predicted]} from `metrics.test_predictions`, or {} if absent or malformed."""
+    metrics = manifest.get("metrics")
+    rows = metrics.get("test_predictions") if isinstance(metrics, dict) else None
+    if not isinstance(rows, dict) or not all(
+            isinstance(v, list) and len(v) == 2 for v in rows.values()):
+        return {}
+    return rows
 
 
 def _test_set(manifest: dict | None) -> dict:
