@@ -39,6 +39,7 @@ from tuner.data import (
     format_scan_report,
     load_or_make_split,
     open_rgb,
+    photo_ids,
     read_bytes,
     read_split,
     scan,
@@ -1195,6 +1196,10 @@ def test_split_fingerprint_names_the_photos_and_labels_not_where_they_lie(tmp_pa
     assert split_fingerprint(swapped)["images"] == fp["images"] - 1
     by_path = split_fingerprint(df.drop(columns="sha256"))
     assert by_path["by"] == "path" and by_path["sha256"] != fp["sha256"]
+    # The same ids key each test photo's prediction in a manifest.
+    by, ids = photo_ids(df)
+    assert by == "content" and ids == [h[:16] for h in df["sha256"]] and len(set(ids)) == len(df)
+    assert photo_ids(df.drop(columns="sha256")) == ("path", df["path"].tolist())
     assert split_fingerprint(df, "val") != fp
 
 

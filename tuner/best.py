@@ -16,7 +16,7 @@ import numpy as np
 
 from . import __version__
 from .config import ScanConfig, TrialParams
-from .data import scan, split_fingerprint, write_json
+from .data import photo_ids, scan, split_fingerprint, write_json
 from .errors import UsageError
 
 MANIFEST_SCHEMA = 1
@@ -117,15 +117,13 @@ def retrain_best(run, best_row) -> tuple[Path, dict]:
     return out, evaluation
 
 
-def _test_predictions(split_df, test, pred: np.ndarray, classes: list[str]) -> dict | None:
-    """Each test photo's true and predicted class, keyed by the first 16 hex digits of its
-    content's sha256: with it, the champion gate compares two releases photo by photo when
-    they were tested on the same photos. None where split.csv has no hashes."""
-    sha = split_df.set_index("path")["sha256"] if "sha256" in split_df else None
-    if sha is None or not sha.astype(bool).all():
-        return None
-    return {str(sha[path])[:16]: [classes[t], classes[p]]
-            for path, t, p in zip(test.paths, test.y, pred)}
+def _test_predictions(split_df, test, pred: np.ndarray, classes: list[str]) -> dict:
+    """Each test photo's true and predicted class, keyed as the test set's fingerprint keys it
+    (`data.photo_ids`): with it, the champion gate compares two releases photo by photo when
+    they were tested on the same photos."""
+    rows = split_df.set_index("path").loc[list(test.paths)].reset_index()
+    _, ids = photo_ids(rows)
+    return {i: [classes[t], classes[p]] for i, t, p in zip(ids, test.y, pred)}
 
 
 def save_model(model, path: Path) -> None:

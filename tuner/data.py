@@ -903,11 +903,18 @@ def split_fingerprint(df: pd.DataFrame, which: str = "test") -> dict:
     on the same photos (the champion gate says whether they do). By content where split.csv
     has the hashes (a moved dataset folder keeps its fingerprint), else by path."""
     rows = df[df["split"] == which]
-    by = "content" if "sha256" in rows and rows["sha256"].astype(bool).all() else "path"
-    ids = rows["sha256" if by == "content" else "path"]
+    by, ids = photo_ids(rows)
     lines = sorted(f"{i}\t{label}" for i, label in zip(ids, rows["label"]))
     return {"images": len(lines), "by": by,
             "sha256": hashlib.sha256("\n".join(lines).encode()).hexdigest()}
+
+
+def photo_ids(rows: pd.DataFrame) -> tuple[str, list[str]]:
+    """("content", the first 16 hex digits of each photo's sha256) where split.csv has the
+    hashes (the scan drops exact copies, so they are unique), else ("path", the paths)."""
+    if "sha256" in rows and rows["sha256"].astype(bool).all():
+        return "content", [str(h)[:16] for h in rows["sha256"]]
+    return "path", [str(p) for p in rows["path"]]
 
 
 def load_or_make_split(scan_result: ScanResult, config: SplitConfig, path: Path) -> pd.DataFrame:

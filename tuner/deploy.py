@@ -644,7 +644,8 @@ def _champion_gate(new_name: str, new: dict, cur_name: str, cur: dict,
         raise PromotionRefused(
             f"champion gate: test {GATE_METRIC} {_fmt(new_metric)} of {new_name} is "
             f"{'missing' if new_metric is None else 'worse'} against {_fmt(cur_metric)} of "
-            f"{cur_name}{where}{_intervals(new, cur)}{_paired_note(new, cur)}; pass --force "
+            f"{cur_name}{where}{_intervals(new, cur)}"
+            f"{_paired_note(new, cur) if compared.test_photos == 'same' else ''}; pass --force "
             "to promote it anyway")
 
 
@@ -654,7 +655,7 @@ def _intervals(new: dict, cur: dict) -> str:
     found = []
     for manifest in (new, cur):
         try:
-            low, high = (float(v) for v in manifest["metrics"]["test_ci95"][GATE_METRIC])
+            low, high = (float(v) for v in _section(manifest, "test_ci95")[GATE_METRIC])
         except (TypeError, KeyError, ValueError):
             return ""
         found.append(f"{low:.2f}-{high:.2f}")
@@ -678,19 +679,22 @@ def _paired_note(new: dict, cur: dict) -> str:
 
 
 def _predictions(manifest: dict) -> dict:
-    """{photo: [true, predicted]} from `metrics.test_predictions`, or {} if absent or malformed."""
-    metrics = manifest.get("metrics")
-    rows = metrics.get("test_predictions") if isinstance(metrics, dict) else None
-    if not isinstance(rows, dict) or not all(
-            isinstance(v, list) and len(v) == 2 for v in rows.values()):
-        return {}
-    return rows
+    """{photo: [true, predicted]} from `metrics.test_predictions`, or {} if malformed."""
+    rows = _section(manifest, "test_predictions")
+    ok = all(isinstance(v, list) and len(v) == 2 for v in rows.values())
+    return rows if ok else {}
 
 
 def _test_set(manifest: dict | None) -> dict:
-    metrics = (manifest or {}).get("metrics")  # a device's manifest may be hand-edited
-    test_set = metrics.get("test_set") if isinstance(metrics, dict) else None
-    return test_set if isinstance(test_set, dict) else {}
+    return _section(manifest, "test_set")
+
+
+def _section(manifest: dict | None, name: str) -> dict:
+    """`manifest["metrics"][name]` if both are mappings, else {}: a device's manifest is a file
+    anyone can edit, and the gate must refuse or pass with one line, never crash."""
+    metrics = manifest.get("metrics") if isinstance(manifest, dict) else None
+    section = metrics.get(name) if isinstance(metrics, dict) else None
+    return section if isinstance(section, dict) else {}
 
 
 def _test_photos(new: dict, cur: dict | None) -> str | None:
@@ -705,7 +709,7 @@ def _test_photos(new: dict, cur: dict | None) -> str | None:
 def _metric(manifest: dict | None) -> float | None:
     """The gate's metric, or None when missing or not a finite number."""
     try:
-        value = float(manifest["metrics"]["test"][GATE_METRIC])
+        value = float(_section(manifest, "test")[GATE_METRIC])
     except (TypeError, KeyError, ValueError):
         return None
     return value if math.isfinite(value) else None
