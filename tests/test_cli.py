@@ -336,3 +336,12 @@ def test_stage2_warmup_flag_is_part_of_a_runs_identity_and_old_runs_resume(data,
         [*argv, "--stage2-warmup-epochs", "0", "--group-pattern", "^Unknown/(.+)_"]))
     with pytest.raises(UsageError, match=r"\(scan\.group_pattern\)"):
         _check_config(grouped, run / "config.json")
+    # And --no-face-folder: such a directory read every nested folder as no-face.
+    del old["scan"]["no_face_folders"]
+    (run / "config.json").write_text(json.dumps({**old, "version": 1}))
+    _check_config(off, run / "config.json")
+    named = cli.search_config(cli.build_parser().parse_args(
+        [*argv, "--stage2-warmup-epochs", "0", "--no-face-folder", "no_face"]))
+    assert named.scan.no_face_folders == ("no_face",)
+    with pytest.raises(UsageError, match=r"\(scan\.no_face_folders\)"):
+        _check_config(named, run / "config.json")

@@ -28,6 +28,12 @@ def exported(tmp_path_factory, sample_dir, mobilenet_025_weights):
                         mobilenet_025_weights)
 
 
+def tuner_main(argv) -> int:
+    from tuner.cli import main
+
+    return main(argv)
+
+
 def cli(*argv) -> int:
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command")
@@ -442,17 +448,25 @@ def test_unreadable_or_incomplete_manifests_are_one_line_refusals(tmp_path):
     better = fake_export(tmp_path / "better", 0.95, "better")
     for damaged in ('{"files": {', '["not", "an", "object"]'):
         (dest / "current" / "manifest.json").write_text(damaged)
-        with pytest.raises(deploy.PromotionRefused, match="unreadable.*--force"):
+        with pytest.raises(deploy.PromotionRefused, match="(unreadable|unusable).*--force"):
             deploy.promote(better, str(dest))
     assert deploy.promote(better, str(dest), force=True).release.startswith("0003-")
     # A damaged source manifest is a one-line error too.
     (better / "manifest.json").write_text("[1, 2")
     with pytest.raises(UsageError, match="unreadable manifest"):
         deploy.promote(better, str(dest))
-    # A hand-edited device manifest whose metrics are not a mapping has no number to beat.
-    (dest / "current" / "manifest.json").write_text(
-        json.dumps({"classes": ["A", "B", "Unknown"], "metrics": [1, 2]}))
-    result = deploy.promote(fake_export(tmp_path / "next", 0.5, "next"), str(dest))
+    # A hand-edited device manifest whose metrics (or classes) are not what the gate reads
+    # is refused like an unreadable one, never a crash; --force replaces it.
+    nxt = fake_export(tmp_path / "next", 0.5, "next")
+    for edited, why in (({"metrics": [1, 2]}, "'metrics' is not a table"),
+                        ({"classes": [1, 2, 3]}, "'classes' is not a list of names"),
+                        ({"classes": 3}, "'classes' is not a list of names")):
+        (dest / "current" / "manifest.json").write_text(
+            json.dumps({"classes": ["A", "B", "Unknown"], **edited}))
+        with pytest.raises(deploy.PromotionRefused, match=re.escape(f"unusable manifest.json "
+                                                                    f"({why})")):
+            deploy.promote(nxt, str(dest))
+    result = deploy.promote(nxt, str(dest), force=True)
     assert result.current_metric is None and result.test_photos is None
     # Malformed or mismatched photo-by-photo records add nothing to a refusal, and never crash.
     good = {"metrics": {"test_predictions": {"a": ["A", "A"], "b": ["B", "A"]}}}
@@ -532,6 +546,169 @@ def test_a_rollback_interrupted_before_hiding_its_release_is_finished_by_the_nex
                             force=True)
     assert result.pruned == [f".rolled-back-{releases[1]}"]
     assert deploy.rollback(str(dest)) == (result.release, releases[0])  # to a, not b
+
+
+def test_a_failed_rollback_leaves_current_where_it_was(tmp_path, monkeypatch):
+    """The rejected release is renamed after the switch; when that rename fails, the switch is
+    undone, so retrying never rolls back two releases."""
+    dest = tmp_path / "device"
+    for name, metric in (("a", 0.7), ("b", 0.8), ("c", 0.9)):
+        deploy.promote(fake_export(tmp_path / name, metric, name), str(dest))
+    c = os.readlink(dest / "current")
+
+    def refused(self, old, new):
+        raise PermissionError(1, "Operation not permitted", str(self.root / "releases" / old))
+
+    with monkeypatch.context() as m:
+        m.setattr(deploy.LocalDestination, "rename", refused)
+        for _ in range(2):
+            with pytest.raises(deploy.DeployError, match=r"could not mark 0003-.* as rolled "
+                               r"back \(Operation not permitted .*\); current left at 0003-"):
+                deploy.rollback(str(dest))
+            assert os.readlink(dest / "current") == c
+        # Nor can the switch back be made: the message says where current is and what to fix.
+        m.setattr(deploy.LocalDestination, "switch",
+                  lambda self, r, real=deploy.LocalDestination.switch: (
+                      real(self, r) if r.startswith("0002-") else refused(self, r, r)))
+        with pytest.raises(deploy.DeployError, match=r"current -> 0002-.*, but 0003-.* could "
+                           r"not be marked .*fix that before rolling back again"):
+            deploy.rollback(str(dest))
+
+
+def test_an_old_release_half_removed_is_never_a_rollback_target(tmp_path, monkeypatch, capsys):
+    """Pruning hides a release before removing its files. A removal that fails halfway (a
+    file the device will not let go) leaves a hidden folder, said so, and not a gutted
+    release that a rollback would switch the device to."""
+    dest = tmp_path / "device"
+    for name, metric in (("a", 0.7), ("b", 0.8)):
+        deploy.promote(fake_export(tmp_path / name, metric, name), str(dest), keep=2)
+
+    def partial(self, name):  # deletes one file, then fails as rmtree(ignore_errors) would
+        (self.root / "releases" / name / "model_int8.tflite").unlink(missing_ok=True)
+
+    with monkeypatch.context() as m:
+        m.setattr(deploy.LocalDestination, "remove", partial)
+        assert cli("promote", fake_export(tmp_path / "c", 0.9, "c"), "--to", dest,
+                   "--keep", "2") == 0
+    out = capsys.readouterr().out
+    hidden = [n for n in os.listdir(dest / "releases") if n.startswith(".removing-0001-")]
+    assert len(hidden) == 1 and "removed old releases" not in out
+    assert f"could not remove (hidden; the next promote tries again): {hidden[0]}" in out
+    assert deploy.rollback(str(dest))[1].startswith("0002-")
+    with pytest.raises(UsageError, match="oldest release kept"):
+        deploy.rollback(str(dest))
+    # The next promote removes it.
+    result = deploy.promote(fake_export(tmp_path / "d", 0.95, "d"), str(dest), keep=2,
+                            force=True)
+    assert hidden[0] in result.pruned and not result.not_removed
+    assert not (dest / "releases" / hidden[0]).exists()
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("file", r"it 1 file\(s\) missing or changed \(first: model_int8.tflite\)"),
+    ("missing", r"it 1 file\(s\) missing or changed \(first: labels.txt\)"),
+    ("manifest", "it has no manifest.json"),
+    ("edited", "it has a manifest.json changed since it was promoted"),
+])
+def test_rollback_checks_its_target_before_switching(tmp_path, damage, message):
+    dest = tmp_path / "device"
+    for name, metric in (("a", 0.8), ("b", 0.9)):
+        deploy.promote(fake_export(tmp_path / name, metric, name), str(dest))
+    current = os.readlink(dest / "current")
+    target = next((dest / "releases").glob("0001-*"))
+    if damage == "file":
+        (target / "model_int8.tflite").write_bytes(b"garbage")
+    elif damage == "missing":
+        (target / "labels.txt").unlink()
+    elif damage == "manifest":
+        (target / "manifest.json").unlink()
+    else:  # files intact, but the manifest (its threshold, say) edited by hand
+        manifest = json.loads((target / "manifest.json").read_text())
+        (target / "manifest.json").write_text(json.dumps({**manifest, "threshold": 0.01}))
+    with pytest.raises(deploy.DeployError, match=f"cannot roll back to {target.name}: {message}; "
+                       f"current left at {current.split('/')[1]}"):
+        deploy.rollback(str(dest))
+    assert os.readlink(dest / "current") == current
+
+
+def test_the_gate_refuses_when_it_has_nothing_to_compare_with(tmp_path):
+    """A current release without its manifest, or a `current` link pointing outside
+    releases/, would let any model through the gate: refused unless --force, and a forced
+    promote hides none of the releases kept for rollback."""
+    dest = tmp_path / "device"
+    deploy.promote(fake_export(tmp_path / "good", 0.95, "good"), str(dest))
+    bad = fake_export(tmp_path / "bad", 0.30, "bad")
+    (dest / "current" / "manifest.json").unlink()
+    with pytest.raises(deploy.PromotionRefused, match="the current release 0001-.* has no "
+                       "manifest.json, so the champion gate cannot compare; pass --force"):
+        deploy.promote(bad, str(dest))
+    assert deploy.promote(bad, str(dest), force=True).release.startswith("0002-")
+    manual = tmp_path / "manual"
+    manual.mkdir()
+    os.unlink(dest / "current")
+    os.symlink(manual, dest / "current")
+    better = fake_export(tmp_path / "better", 0.99, "better")
+    with pytest.raises(deploy.PromotionRefused, match=r"current points to manual, which is not "
+                       r"a release in releases/ .*pass --force"):
+        deploy.promote(better, str(dest))
+    result = deploy.promote(better, str(dest), force=True)
+    assert result.release.startswith("0003-") and result.pruned == []
+    assert deploy.rollback(str(dest))[1].startswith("0002-")
+
+
+def test_promoting_the_current_export_again_repairs_damaged_files(tmp_path, capsys):
+    dest = tmp_path / "device"
+    folder = fake_export(tmp_path / "a", 0.8, "a")
+    deploy.promote(folder, str(dest))
+    assert deploy.promote(folder, str(dest)).already_current
+    (dest / "current" / "model_int8.tflite").write_bytes(b"garbage")
+    (dest / "current" / "model_float32.tflite").unlink()
+    assert cli("promote", folder, "--to", dest) == 0
+    out = capsys.readouterr().out
+    assert "this export was current (0001-" in out and "copied again" in out
+    assert "current -> releases/0002-" in out
+    for rel in ("model_int8.tflite", "model_float32.tflite"):
+        assert sha256(dest / "current" / rel) == sha256(folder / rel)
+
+
+@pytest.mark.parametrize("edit,why", [
+    ({"parity": "passed"}, "'parity' is not {passed: true or false, ...}"),
+    ({"parity": {"passed": "false"}}, "'parity' is not {passed: true or false, ...}"),
+    ({"formats": "int8"}, "'formats' is not a table of format: {file: name}"),
+    ({"formats": {"int8": "model_int8.tflite"}}, "'formats' is not a table of format"),
+    ({"formats": {"int8": {"file": 5}}}, "'formats' is not a table of format"),
+    ({"threshold": "0.5x"}, "'threshold' is not a number"),
+    ({"threshold": [0.5]}, "'threshold' is not a number"),
+    ({"classes": [1, 2]}, "'classes' is not a list of names"),
+    ({"unknown_label": 0}, "'unknown_label' is not a name"),
+])
+def test_hand_edited_manifests_are_one_line_errors_in_predict_and_promote(tmp_path, capsys,
+                                                                         edit, why):
+    folder = _edit_manifest(fake_export(tmp_path / "x", 0.9, "x"), **edit)
+    photo = tmp_path / "p.jpg"
+    photo.write_bytes(b"not read: the manifest is refused first")
+    for argv in (("predict", folder, photo), ("promote", folder, "--to", tmp_path / "dev")):
+        assert tuner_main([str(a) for a in argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "Traceback" not in err
+        assert f"manifest.json: not a usable personclf-tune manifest ({why}" in err
+
+
+def test_deeply_nested_json_is_an_unreadable_manifest(tmp_path):
+    folder = fake_export(tmp_path / "x", 0.9, "x")
+    (folder / "manifest.json").write_text("[" * 100_000)
+    with pytest.raises(UsageError, match=r"unreadable manifest \(RecursionError"):
+        deploy.promote(folder, str(tmp_path / "dev"))
+
+
+def test_a_destination_under_a_missing_folder_is_not_created(tmp_path):
+    """An unmounted device's path would otherwise be made on this machine's own disk."""
+    folder = fake_export(tmp_path / "x", 0.9, "x")
+    with pytest.raises(UsageError, match=r"--to: .*/camera-box does not exist \(is the device "
+                       r"mounted\?\); create .*/camera-box/personclf first"):
+        deploy.promote(folder, str(tmp_path / "mnt" / "camera-box" / "personclf"))
+    assert not (tmp_path / "mnt").exists()
+    assert deploy.promote(folder, str(tmp_path / "personclf")).release.startswith("0001-")
 
 
 # -- promote over ssh to a real sshd on 127.0.0.1 -------------------------------------------

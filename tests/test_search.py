@@ -225,9 +225,13 @@ def test_end_to_end(work, optuna_run, sample_dir, tmp_path, capsys):
     eval_dir = copy_people(sample_dir, tmp_path / "eval", (*PEOPLE, stranger), 4)
     copy_people(sample_dir, eval_dir, ("Unknown",), 3)
     (eval_dir / stranger / "notes.jpg").write_text("not a photo\n")
+    # Two photos kept in an event folder: with --no-face-folder they stay face photos.
+    (eval_dir / PEOPLE[0] / "2023").mkdir()
+    for f in sorted((eval_dir / PEOPLE[0]).glob("*.jpg"))[:2]:
+        f.rename(eval_dir / PEOPLE[0] / "2023" / f.name)
     out = tmp_path / "eval.json"
     assert cli.main(["evaluate", str(run / "best"), "--data", str(eval_dir),
-                     "--json", str(out)]) == 0
+                     "--no-face-folder", "no_face", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert printed.startswith(f"{eval_dir}: {3 * 4 + 3} images")  # not "Test split"
     assert f"1 file(s) in {eval_dir} left out:\n  {stranger}/notes.jpg: not an image: text " \

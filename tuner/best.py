@@ -163,13 +163,43 @@ def read_manifest_file(path: Path) -> dict:
     """A manifest.json as a dict, or a one-line error naming it (hand-edited, truncated)."""
     try:
         manifest = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise UsageError(f"{path}: unreadable manifest ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else ''}); restore it or "
                          "export again") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("classes"), list):
-        raise UsageError(f"{path}: not a personclf-tune manifest; restore it or export again")
+    if problem := manifest_problem(manifest):
+        raise UsageError(f"{path}: not a usable personclf-tune manifest ({problem}); restore "
+                         "it or export again")
     return manifest
+
+
+def manifest_problem(manifest) -> str | None:
+    """What makes a parsed manifest unusable, or None. A manifest is a file anyone can edit,
+    so every field that predict, evaluate and promote read is checked for its type here, once,
+    instead of failing with a traceback where it is used."""
+    if not isinstance(manifest, dict):
+        return "not a JSON object"
+    classes = manifest.get("classes")
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        return "'classes' is not a list of names"
+    threshold = manifest.get("threshold", 0.0)
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) \
+            or not math.isfinite(threshold):
+        return "'threshold' is not a number"
+    if not isinstance(manifest.get("unknown_label", "Unknown"), str):
+        return "'unknown_label' is not a name"
+    formats = manifest.get("formats") or {}  # null: none, as in RUN/best
+    if not isinstance(formats, dict) or not all(
+            isinstance(e, dict) and isinstance(e.get("file") or "", str)
+            for e in formats.values()):
+        return "'formats' is not a table of format: {file: name}"
+    parity = manifest.get("parity") or {}  # null: no parity record
+    if not isinstance(parity, dict) or not isinstance(parity.get("passed", True), bool):
+        return "'parity' is not {passed: true or false, ...}"
+    for key in ("files", "metrics"):
+        if not isinstance(manifest.get(key) or {}, dict):
+            return f"{key!r} is not a table"
+    return None
 
 
 def input_size(manifest: dict, where: Path | str = "manifest.json") -> int:
@@ -198,7 +228,8 @@ def load_keras_model(model_path: Path):
                          f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
 
 
-def evaluate_model(model_path: Path, data_dir: Path, no_face_policy: str = "member") -> dict:
+def evaluate_model(model_path: Path, data_dir: Path, no_face_policy: str = "member",
+                   no_face_folders: tuple[str, ...] = ()) -> dict:
     """Run a saved model on any folder with the dataset layout and report it.
 
     Folders of people the model does not know count as Unknown: the right answer for them is
@@ -212,7 +243,8 @@ def evaluate_model(model_path: Path, data_dir: Path, no_face_policy: str = "memb
     classes = list(manifest["classes"])
     unknown = manifest.get("unknown_label", "Unknown")
     size = input_size(manifest, model_path)
-    scanned = scan(ScanConfig(Path(data_dir), unknown_name=unknown, no_face_policy=no_face_policy))
+    scanned = scan(ScanConfig(Path(data_dir), unknown_name=unknown, no_face_policy=no_face_policy,
+                              no_face_folders=no_face_folders))
     if scanned.images.empty:
         raise UsageError(f"{data_dir}: no usable images to evaluate")
     frame = scanned.images.sort_values("path").reset_index(drop=True)

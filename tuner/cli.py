@@ -20,12 +20,21 @@ from .errors import TunerError, UsageError
 COMMANDS = ("search", "data", "report", "evaluate", "export", "predict", "promote", "rollback")
 
 
-def _add_scan_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--unknown-name", default="Unknown",
-                   help="folder of strangers (default: Unknown)")
+def _add_no_face_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-face-policy", choices=("member", "unknown", "skip"), default="member",
                    help="label of images in folders nested inside a person's folder "
                         "(face not visible): the person (member), Unknown, or left out (skip)")
+    p.add_argument("--no-face-folder", action="append", default=[], dest="no_face_folders",
+                   metavar="NAME",
+                   help="only nested folders of this name (repeatable, any case) hold no-face "
+                        "photos; other nested folders are ordinary photos of the person "
+                        "(default: every nested folder)")
+
+
+def _add_scan_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--unknown-name", default="Unknown",
+                   help="folder of strangers (default: Unknown)")
+    _add_no_face_flags(p)
     p.add_argument("--near-duplicate-distance", type=int, default=4, metavar="BITS",
                    help="perceptual-hash distance (0-64) at which two images count as near-duplicates")
     p.add_argument("--group-pattern", metavar="REGEX",
@@ -127,9 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="run a saved model on a folder dataset and report it")
     p.add_argument("model", type=Path, help="RUN/best or RUN/best/model.keras")
     p.add_argument("--data", type=Path, required=True, metavar="DIR")
-    p.add_argument("--no-face-policy", choices=("member", "unknown", "skip"), default="member",
-                   help="label of the photos in folders nested inside a person's folder, as "
-                        "in `search` (default member)")
+    _add_no_face_flags(p)
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the report as JSON")
     p.set_defaults(func=cmd_evaluate)
 
@@ -211,6 +218,7 @@ def search_config(args: argparse.Namespace):
                     jit_compile=args.jit_compile)
     scan_cfg = ScanConfig(args.data, unknown_name=args.unknown_name,
                           no_face_policy=args.no_face_policy,
+                          no_face_folders=tuple(args.no_face_folders),
                           near_duplicate_distance=args.near_duplicate_distance,
                           group_pattern=args.group_pattern)
     return SearchConfig(
@@ -326,7 +334,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .data import skipped_text, write_json
     from .report import format_evaluation
 
-    evaluation = evaluate_model(args.model, args.data, args.no_face_policy)
+    evaluation = evaluate_model(args.model, args.data, args.no_face_policy,
+                                tuple(args.no_face_folders))
     print(format_evaluation(evaluation, title=str(args.data)))
     full_list = str(args.json) if args.json else f"`personclf-tune data {args.data}`"
     left_out = skipped_text(evaluation["skipped"], args.data, full_list)
@@ -350,6 +359,7 @@ def cmd_data(args: argparse.Namespace) -> int:
         raise UsageError("data: give the dataset folder: personclf-tune data DIR")
     config = ScanConfig(data_dir, unknown_name=args.unknown_name,
                         no_face_policy=args.no_face_policy,
+                        no_face_folders=tuple(args.no_face_folders),
                         near_duplicate_distance=args.near_duplicate_distance,
                         group_pattern=args.group_pattern)
     split_config = SplitConfig(args.val_fraction, args.test_fraction, args.seed)

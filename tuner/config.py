@@ -30,6 +30,10 @@ class ScanConfig:
     data_dir: Path
     unknown_name: str = "Unknown"
     no_face_policy: str = "member"
+    # Names of the nested folders that hold no-face photos (matched ignoring case, at any depth
+    # in a person's folder). Empty: every nested folder does. Naming them lets a person's other
+    # subfolders (one per event, per year) count as ordinary photos of that person.
+    no_face_folders: tuple[str, ...] = ()
     # Perceptual-hash Hamming distance (of 64 bits) at or under which two images are near-duplicates.
     near_duplicate_distance: int = 4
     # Images whose declared pixel count exceeds this are refused as decompression bombs.
@@ -42,6 +46,11 @@ class ScanConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
+        object.__setattr__(self, "no_face_folders", tuple(self.no_face_folders))
+        for name in self.no_face_folders:
+            if not name.strip() or "/" in name or "\\" in name or name in (".", ".."):
+                raise UsageError(f"--no-face-folder {name!r}: give a folder name, e.g. no_face, "
+                                 "not a path")
         if self.no_face_policy not in NO_FACE_POLICIES:
             raise UsageError(
                 f"--no-face-policy {self.no_face_policy!r}: choose one of {', '.join(NO_FACE_POLICIES)}"

@@ -1,7 +1,8 @@
 """Scan a dataset folder, find bad files and duplicates, split it, and weigh its classes.
 
-Layout: `DIR/<person>/*` holds photos where the face is visible; any folder nested inside a
-person's folder (e.g. `DIR/<person>/no_face/`) holds photos of that person where it is not;
+Layout: `DIR/<person>/*` holds photos where the face is visible; a folder nested inside a
+person's folder (e.g. `DIR/<person>/no_face/`: any nested folder, or those named by
+`--no-face-folder`) holds photos of that person where it is not;
 `DIR/Unknown/*` holds strangers. Real folders are messy, so every file is opened and fully
 decoded once here: whatever cannot be used is reported with a reason and left untouched. Input
 files are only ever opened for reading.
@@ -23,7 +24,7 @@ import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pandas as pd
@@ -100,6 +101,7 @@ class ScanResult:
     near_duplicates: list[dict] = field(default_factory=list)  # {"paths", "labels", "distance", "conflict"}
     empty_classes: list[str] = field(default_factory=list)
     excluded_no_face: int = 0  # images left out by --no-face-policy skip
+    nested_folders: list[dict] = field(default_factory=list)  # {"path", "view"}, in class folders
     # --group-pattern: {"pattern", "matched", "unmatched", "groups", "largest": {"key", "photos"}}
     pattern_groups: dict | None = None
 
@@ -140,6 +142,7 @@ class ScanResult:
         return {
             "data_dir": str(self.config.data_dir),
             "no_face_policy": self.config.no_face_policy,
+            "no_face_folders": list(self.config.no_face_folders),
             "unknown_name": self.config.unknown_name,
             "images": int(len(self.images)),
             "classes": counts,
@@ -151,6 +154,7 @@ class ScanResult:
             "empty_classes": self.empty_classes,
             "similar_classes": self.similar_classes(),
             "excluded_no_face": self.excluded_no_face,
+            "nested_folders": self.nested_folders,
             "pattern_groups": self.pattern_groups,
             "fingerprint": self.fingerprint(),
         }
@@ -359,6 +363,7 @@ def scan(config: ScanConfig) -> ScanResult:
     excluded = 0
     class_reals: dict[str, str] = {}
     folders: dict[str, Path] = {}  # person folders with usable images, before duplicates
+    nested: list[dict] = []  # folders inside class folders: {"path", "view"}
 
     def skip(path: Path, reason: str) -> None:
         skipped.append({"path": _rel(path, root), "reason": reason})
@@ -383,7 +388,8 @@ def scan(config: ScanConfig) -> ScanResult:
         class_reals[real] = entry.name
         label = entry.name
         wanted = []
-        for path, view in _walk_class(entry, root_real, skip):
+        for path, view in _walk_class(entry, root_real, skip, config.no_face_folders, nested,
+                                      strangers=label == config.unknown_name):
             effective = label
             if view == NO_FACE and label != config.unknown_name:
                 if config.no_face_policy == "skip":
@@ -417,7 +423,9 @@ def scan(config: ScanConfig) -> ScanResult:
         columns=["path", "label", "folder", "view", "width", "height", "format", "mode",
                  "bytes", "sha256", "phash"],
     )
-    result = ScanResult(config, images, skipped, empty_classes=empty, excluded_no_face=excluded)
+    nested = [{"path": _rel(d["path"], root), "view": d["view"]} for d in nested]
+    result = ScanResult(config, images, skipped, empty_classes=empty, excluded_no_face=excluded,
+                        nested_folders=nested)
     _find_duplicates(result)
     # A person can still vanish: every photo a duplicate of another folder's, or (with
     # --no-face-policy unknown) every photo a no-face view. Say so, as for an empty folder.
@@ -469,10 +477,16 @@ def _inside(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
-def _walk_class(folder: Path, root_real: str, skip) -> list[tuple[Path, str]]:
-    """Files of one class folder with their view; nested folders are the no-face view.
+def _walk_class(folder: Path, root_real: str, skip, no_face_names: tuple[str, ...] = (),
+                nested: list[dict] | None = None,
+                strangers: bool = False) -> list[tuple[Path, str]]:
+    """Files of one class folder with their view, appending each nested folder to `nested`.
 
-    Follows symlinked folders, but never the same real folder twice, never one that contains
+    A nested folder is the no-face view when `no_face_names` holds its name (ignoring case),
+    or, when it is empty, in a person's folder (not in the `strangers` folder, where a
+    subfolder is more naturally one stranger's photos); everything below a no-face folder is
+    no-face too, and other nested folders keep the view of the folder they are in. Follows
+    symlinked folders, but never the same real folder twice, never one that contains
     the folder being walked (a loop) and never another class's folder (its photos would all
     become label conflicts and be dropped from both classes), so the walk always ends.
     """
@@ -506,8 +520,13 @@ def _walk_class(folder: Path, root_real: str, skip) -> list[tuple[Path, str]]:
                 elif _inside(target, root_real) and not _inside(target, class_real):
                     skip(path, "symlink to another class's folder: ignored")
                 else:
-                    visit(path, target, NO_FACE)
+                    named = (path.name.casefold() in names if names else not strangers)
+                    inner = NO_FACE if view == NO_FACE or named else FACE
+                    if nested is not None:
+                        nested.append({"path": path, "view": inner})
+                    visit(path, target, inner)
 
+    names = {n.casefold() for n in no_face_names}
     visit(folder, class_real, FACE)
     return out
 
@@ -775,15 +794,43 @@ def split(images: pd.DataFrame, config: SplitConfig) -> pd.DataFrame:
     first (ties in seeded random order), each to the split whose per-class target it helps
     most. Every class with at least three groups gets at least one group in each split
     (`_give_every_split` repairs the few deals where a group shared by two classes prevents
-    that).
+    that). Where groups hold several classes (one camera event's --group-pattern key, or
+    near-duplicates across classes) a deal can fail even so: it is dealt again in another
+    seeded order, and a class that no deal can place in every split is a DatasetError.
     """
     if "group" not in images:
         raise UsageError("split() needs the 'group' column that scan() adds")
-    rng = np.random.default_rng(config.seed)
+    # Each group's labels as plain lists: pandas calls per group cost a millisecond each.
+    members: dict = {}
+    for gid, label in zip(images["group"], images["label"]):
+        members.setdefault(gid, []).append(label)
+    per_label_groups = images.groupby("label")["group"].nunique()
+    for attempt in range(SPLIT_ATTEMPTS):
+        seed = config.seed if attempt == 0 else [config.seed, attempt]
+        assignment = _deal(members, per_label_groups, config, np.random.default_rng(seed))
+        _give_every_split(assignment, members, per_label_groups)
+        if (gap := _split_gap(assignment, members, per_label_groups)) is None:
+            break
+    else:
+        label, where = gap
+        raise DatasetError(
+            f"class {label!r} gets no {where} photos in any of {SPLIT_ATTEMPTS} deals: too "
+            "many of its photos share a group with other classes (a --group-pattern key, or "
+            "near-duplicates across folders); loosen the pattern or add photos of it alone")
+    out = images.copy()
+    out["split"] = out["group"].map(assignment)
+    return out
+
+
+SPLIT_ATTEMPTS = 50
+
+
+def _deal(members: dict, per_label_groups: pd.Series, config: SplitConfig,
+          rng: np.random.Generator) -> dict:
+    """One greedy deal of the groups to the splits (see `split`)."""
     fractions = {"train": config.train_fraction, "val": config.val_fraction,
                  "test": config.test_fraction}
-    labels = sorted(images["label"].unique())
-    per_label_groups = images.groupby("label")["group"].nunique()
+    labels = sorted(per_label_groups.index)
     target = {s: {} for s in SPLITS}
     for label in labels:
         n = int(per_label_groups[label])
@@ -792,11 +839,6 @@ def split(images: pd.DataFrame, config: SplitConfig) -> pd.DataFrame:
         target["val"][label], target["test"][label] = val, test
         target["train"][label] = n - val - test
     have = {s: {label: 0.0 for label in labels} for s in SPLITS}
-
-    # Each group's labels as plain lists: pandas calls per group cost a millisecond each.
-    members: dict = {}
-    for gid, label in zip(images["group"], images["label"]):
-        members.setdefault(gid, []).append(label)
     groups = sorted(members.items())  # by group id, as groupby gives them
     order = rng.permutation(len(groups))
     groups = [groups[i] for i in order]
@@ -813,10 +855,19 @@ def split(images: pd.DataFrame, config: SplitConfig) -> pd.DataFrame:
         assignment[gid] = best
         for lab, w in share.items():
             have[best][lab] += w
-    _give_every_split(assignment, members, per_label_groups)
-    out = images.copy()
-    out["split"] = out["group"].map(assignment)
-    return out
+    return assignment
+
+
+def _split_gap(assignment: dict, members: dict,
+               per_label_groups: pd.Series) -> tuple[str, str] | None:
+    """The first (class, split) where a class of three or more groups has no photo, or None."""
+    present = {(lab, assignment[g]) for g, labs in members.items() for lab in labs}
+    for label in sorted(per_label_groups.index):
+        if per_label_groups[label] >= 3:
+            for where in SPLITS:
+                if (label, where) not in present:
+                    return label, where
+    return None
 
 
 def _give_every_split(assignment: dict[int, str], members: dict[int, list[str]],
@@ -875,7 +926,8 @@ def write_split(df: pd.DataFrame, path: Path) -> None:
 
 
 def read_split(path: Path, data_dir: Path) -> pd.DataFrame:
-    """Read split.csv back; every listed file must still be there."""
+    """Read split.csv back; every listed file must still be there, and a hand-edited file must
+    keep the split's promises (`_split_problem`)."""
     try:
         # No NA parsing: a person called "NA" or "None", or a file named "nan", stays a string.
         df = pd.read_csv(path, dtype={"path": str, "label": str, "view": str, "split": str,
@@ -889,6 +941,8 @@ def read_split(path: Path, data_dir: Path) -> pd.DataFrame:
     if unknown:
         raise UsageError(f"{path}: unknown split name(s) {', '.join(map(repr, unknown))}; use "
                          f"{', '.join(SPLITS)} or delete the file to re-split")
+    if problem := _split_problem(df):
+        raise UsageError(f"{path}: {problem}; fix it, or delete the file to re-split")
     gone = [p for p in df["path"] if not (data_dir / p).is_file()]
     if gone:
         raise DatasetError(
@@ -896,6 +950,58 @@ def read_split(path: Path, data_dir: Path) -> pd.DataFrame:
             f"{gone[0]}); restore them or start a new run directory"
         )
     return df
+
+
+def _split_problem(df: pd.DataFrame) -> str | None:
+    """What in a split table breaks what `split` promises, or None: every photo once, inside
+    the dataset folder, with a label; no group in two splits (a near-duplicate in train and
+    test); every class in every split."""
+    if df.empty:
+        return "no photos listed"
+    outside = [p for p in df["path"] if not p or PurePosixPath(p).is_absolute()
+               or ".." in PurePosixPath(p).parts]
+    if outside:
+        return f"{outside[0]!r} is not a path inside the dataset folder"
+    twice = df["path"][df["path"].duplicated()]
+    if len(twice):
+        return f"{twice.iloc[0]} is listed twice"
+    if (df["label"] == "").any():
+        return f"{df['path'][df['label'] == ''].iloc[0]} has no label"
+    straddling = df.groupby("group")["split"].nunique()
+    if (straddling > 1).any():
+        first = df[df["group"] == straddling[straddling > 1].index[0]]["path"].tolist()
+        return (f"photos of one group (near-duplicates, or one --group-pattern key) are in two "
+                f"splits: {', '.join(first[:2])}")
+    present = set(zip(df["label"], df["split"]))
+    for label in sorted(set(df["label"])):
+        for where in SPLITS:
+            if (label, where) not in present:
+                return f"class {label!r} has no {where} photos"
+    return None
+
+
+def _stale_split_problem(df: pd.DataFrame, scan_result: ScanResult) -> str | None:
+    """What changed in the dataset folder under a saved split, or None: a photo now unusable,
+    replaced by other content, or labelled otherwise. Training on it would mix two datasets
+    in one run (and the image caches, keyed by split.csv's hashes, would be stale)."""
+    reasons = {s["path"]: s["reason"] for s in scan_result.skipped}
+    unusable = [p for p in df["path"] if p in reasons]
+    if unusable:
+        return (f"{len(unusable)} photo(s) of the saved split can no longer be used (first: "
+                f"{unusable[0]}: {reasons[unusable[0]]})")
+    now = scan_result.images.set_index("path")
+    known = df[df["path"].isin(now.index)]
+    hashes, labels = now.loc[known["path"], "sha256"].to_numpy(), now.loc[known["path"], "label"]
+    changed = known[(known["sha256"] != "") & (known["sha256"].to_numpy() != hashes)]
+    if len(changed):
+        return (f"{len(changed)} photo(s) changed since the split was written (first: "
+                f"{changed['path'].iloc[0]})")
+    relabelled = known[known["label"].to_numpy() != labels.to_numpy()]
+    if len(relabelled):
+        row = relabelled.iloc[0]
+        return (f"{row['path']} is labelled {row['label']!r} there but "
+                f"{now.loc[row['path'], 'label']!r} in the dataset folder")
+    return None
 
 
 def split_fingerprint(df: pd.DataFrame, which: str = "test") -> dict:
@@ -921,6 +1027,9 @@ def load_or_make_split(scan_result: ScanResult, config: SplitConfig, path: Path)
     """Reuse `path` (split.csv) when present, so a resumed run trains on the same split."""
     if path.exists():
         df = read_split(path, scan_result.config.data_dir)
+        if problem := _stale_split_problem(df, scan_result):
+            raise DatasetError(f"{path}: {problem}; restore the photos as they were, or start "
+                               "a new run directory")
         new = set(scan_result.images["path"]) - set(df["path"])
         if new:
             log.warning("%d image(s) added since %s was written are not used by this run",
@@ -947,7 +1056,9 @@ def scan_notes(result: ScanResult) -> list[str]:
     if unknown not in classes:
         lines.append(f"note: no {unknown}/ folder: the model will not learn to say 'unknown' "
                      "except through its threshold")
-        near = [c for c in classes if c.lower() == unknown.lower()]
+    folders = set(result.images["folder"])
+    if unknown not in folders:  # (no-face photos may still make an Unknown class)
+        near = sorted(f for f in folders if f.lower() == unknown.lower())
         if near:
             lines.append(f"note: {near[0]}/ is trained as a person; rename it {unknown}/ or pass "
                          f"--unknown-name {near[0]}")
@@ -959,6 +1070,7 @@ def scan_notes(result: ScanResult) -> list[str]:
     suggestion = _group_pattern_suggestion(result)
     if suggestion:
         lines.append(suggestion)
+    lines += _no_face_folder_notes(result)
     crossed = [d for d in result.near_duplicates if d["conflict"]]
     if crossed:
         photos = len({p for d in crossed for p in d["paths"]})
@@ -976,28 +1088,63 @@ def scan_notes(result: ScanResult) -> list[str]:
     return lines
 
 
-def _group_pattern_suggestion(result: ScanResult) -> str | None:
-    """A note when the file names in Unknown/ look like several photos per stranger
-    (`Name_0001.jpg`, `Name_0002.jpg`, for two or more names), and no --group-pattern is set.
+def _no_face_folder_notes(result: ScanResult) -> list[str]:
+    """Notes on how folders nested in people's folders were read: every one as the no-face view
+    while they have two or more names (one may be `no_face/`, the others events or years), or
+    a --no-face-folder name that no folder has."""
+    config = result.config
+    inner = [d["path"] for d in result.nested_folders
+             if not d["path"].startswith(f"{config.unknown_name}/")]
+    names = [p.rsplit("/", 1)[-1] for p in inner]
+    if config.no_face_folders:
+        found = {n.casefold() for n in names}
+        missing = [n for n in config.no_face_folders if n.casefold() not in found]
+        return [f"note: --no-face-folder {n!r} matched no folder inside a person's folder"
+                for n in missing]
+    first = sorted({p.split("/")[1] for p in inner})
+    if len(first) < 2:
+        return []
+    effect = {"member": "", "unknown": " and labelled Unknown",
+              "skip": " and left out"}[config.no_face_policy]
+    shown = ", ".join(repr(n) for n in first[:5]) + (", ..." if len(first) > 5 else "")
+    return [f"note: folders inside people's folders have {len(first)} names ({shown}) and are all "
+            f"read as photos where the face is not visible{effect}; if only some are, name "
+            "those with --no-face-folder NAME"]
 
-    Not for one name holding most photos (`IMG_0001.jpg`, ... from one camera), nor for
-    names that never repeat (the shared datasets: one photo per stranger).
+
+def _group_pattern_suggestion(result: ScanResult) -> str | None:
+    """A note when Unknown/ looks like several photos per stranger, and no --group-pattern is
+    set: two or more subfolders (`Unknown/John_Doe/`), or file names repeated with different
+    numbers (`Name_0001.jpg`, `Name_0002.jpg`), for two or more names.
+
+    Not for one key holding most photos (`IMG_0001.jpg`, ... from one camera, or one
+    `2023/` folder), nor for keys that never repeat (the shared datasets: one photo per
+    stranger).
     """
     unknown = result.config.unknown_name
     if result.config.group_pattern is not None:
         return None
-    pattern = f"^{re.escape(unknown)}/(?:.*/)?(.+?)[-_ .]*[0-9]+\\.[^./]+$"
     paths = [p for p in result.images["path"] if p.startswith(f"{unknown}/")]
-    keys = _pattern_keys(paths, pattern)
-    repeated = {k: n for k, n in Counter(k for k in keys if k).items() if n > 1}
-    photos = sum(repeated.values())
-    if len(repeated) < 2 or photos < 0.2 * len(paths) or max(repeated.values()) > 0.5 * len(paths):
-        return None
-    first = next(k for k in keys if k in repeated)
-    a, b = [p for p, k in zip(paths, keys) if k == first][:2]
-    return (f"note: {photos} photos in {unknown}/ share a name with another ({len(repeated)} "
-            f"names, e.g. {a} and {b}); if a name is one stranger, pass --group-pattern "
-            f"'{pattern}' so that each stranger's photos stay in one split")
+    by_folder = f"^{re.escape(unknown)}/([^/]+)/"
+    by_name = f"^{re.escape(unknown)}/(?:.*/)?(.+?)[-_ .]*[0-9]+\\.[^./]+$"
+    for pattern in (by_folder, by_name):
+        keys = _pattern_keys(paths, pattern)
+        repeated = {k: n for k, n in Counter(k for k in keys if k).items() if n > 1}
+        photos = sum(repeated.values())
+        if len(repeated) < 2 or photos < 0.2 * len(paths) or \
+                max(repeated.values()) > 0.5 * len(paths):
+            continue
+        first = next(k for k in keys if k in repeated)
+        if pattern == by_folder:
+            what = (f"are in {len(repeated)} subfolders of two or more (e.g. {unknown}/{first}/); "
+                    "if a subfolder is one stranger")
+        else:
+            a, b = [p for p, k in zip(paths, keys) if k == first][:2]
+            what = (f"share a name with another ({len(repeated)} names, e.g. {a} and {b}); if a "
+                    "name is one stranger")
+        return (f"note: {photos} photos in {unknown}/ {what}, pass --group-pattern '{pattern}' "
+                "so that each stranger's photos stay in one split")
+    return None
 
 
 def skipped_text(skipped: list[dict], data_dir: Path, full_list: str,
@@ -1025,7 +1172,10 @@ def format_scan_report(result: ScanResult, max_rows: int = 200) -> str:
     weights = summary["class_weights"]
     table = [[label, c[FACE], c[NO_FACE], c[FACE] + c[NO_FACE], f"{weights.get(label, 0):.3f}"]
              for label, c in counts.items()]
-    lines = [f"Dataset {result.config.data_dir} (no-face policy: {result.config.no_face_policy})",
+    named = result.config.no_face_folders
+    folders = f"; no-face folders: {', '.join(named)}" if named else ""
+    lines = [f"Dataset {result.config.data_dir} (no-face policy: {result.config.no_face_policy}"
+             f"{folders})",
              tabulate(table, headers=["class", "face", "no_face", "total", "class weight"],
                       tablefmt="github"),
              ""]

@@ -11,10 +11,14 @@ atomic rename of a symlink. So a failed or interrupted copy never changes what `
 Files are flushed to disk before `current` moves, so a power cut cannot leave it pointing at
 half-written files. Older releases are kept for `rollback` (`--keep N`); a release rolled back
 from is renamed `.rolled-back-<id>` (never a rollback target again, removed by the next
-promote, which also hides one an interrupted rollback left visible). The champion gate
-refuses a model whose test balanced accuracy is worse than the current one's, that has none
-while the current one has, or that knows other people, unless forced. Every file name a
-manifest lists must be a plain relative path inside its folder.
+promote, which also hides one an interrupted rollback left visible). An old release is
+renamed `.removing-<id>` before its files go, so a removal that fails halfway never leaves a
+gutted release to roll back to; a rollback checks its target's files before switching. The
+champion gate refuses a model whose test balanced accuracy is worse than the current one's,
+that has none while the current one has, or that knows other people, unless forced; it also
+refuses (unless forced) when it has nothing to compare with: `current` pointing outside
+`releases/`, or a current release without a usable manifest. Every file name a manifest
+lists must be a plain relative path inside its folder.
 
 Every external command is an argument list (never `shell=True`); commands that run on the
 remote host are quoted with `shlex` because ssh hands them to the remote shell.
@@ -43,6 +47,7 @@ RELEASES = "releases"
 CURRENT = "current"
 INCOMING = ".incoming-"
 ROLLED_BACK = ".rolled-back-"
+REMOVING = ".removing-"  # an old release being removed: hidden first, so never half a target
 STALE_INCOMING_S = 3600  # an interrupted promote's leftovers, removed by a later promote
 DEFAULT_KEEP = 3
 GATE_METRIC = "balanced_accuracy"
@@ -226,6 +231,10 @@ class LocalDestination(_Destination):
         """Why this is not a usable device folder, or None."""
         if self.root.exists() and not self.root.is_dir():
             return f"{self.root} is a file, not a folder; choose a folder"
+        if not self.root.exists() and not self.root.parent.is_dir():
+            # Created silently, an unmounted device's path would fill this machine's disk.
+            return (f"{self.root.parent} does not exist (is the device mounted?); create "
+                    f"{self.root} first if it is the right place")
         link = self.root / CURRENT
         if link.exists() and not link.is_symlink():
             return (f"{link} is not a link (made by hand?); move it away, then promote again")
@@ -446,6 +455,10 @@ class PromoteResult:
     already_current: bool = False
     # Whether both test numbers come from the "same" or "different" test photos (None: unknown).
     test_photos: str | None = None
+    # The same export was current, but its files on the device were missing or changed.
+    repaired: bool = False
+    # Old releases that could not be removed (hidden, retried by the next promote).
+    not_removed: list[str] = field(default_factory=list)
 
 
 def promote(source: Path, dest: str, *, keep: int = DEFAULT_KEEP, force: bool = False,
@@ -468,23 +481,24 @@ def _promote(d, folder: Path, manifest: dict, expected: dict, keep: int,
     if problem := d.problem():
         raise UsageError(f"--to: {problem}")
     current = d.current()
-    try:
-        text = d.read_manifest(current) if current else None
-        current_manifest = json.loads(text) if text is not None else None
-        if current_manifest is not None and not isinstance(current_manifest, dict):
-            raise ValueError("not a JSON object")
-    except ValueError:
-        if not force:
-            raise PromotionRefused(f"{d}: the manifest of the current release {current} is "
-                                   "unreadable, so the champion gate cannot compare; pass "
-                                   "--force to replace it") from None
-        current_manifest = None
+    ours = current is not None and current in d.entries()
+    if current is not None and not ours and not force:
+        raise PromotionRefused(f"{d}: {CURRENT} points to {current}, which is not a release in "
+                               f"{RELEASES}/ (made or deleted by hand?), so the champion gate "
+                               "has nothing to compare; pass --force to replace it")
+    current_manifest, problem = _release_manifest(d, current) if ours else (None, None)
+    if problem and not force:
+        raise PromotionRefused(f"{d}: the current release {current} {problem}, so the champion "
+                               "gate cannot compare; pass --force to replace it")
     new_metric, cur_metric = _metric(manifest), _metric(current_manifest)
     result = PromoteResult(str(d), None, current, new_metric, cur_metric,
                            test_photos=_test_photos(manifest, current_manifest))
+    files = sorted(expected)
     if current_manifest == manifest:
-        result.release, result.already_current = current, True
-        return result
+        if not _damaged(d, current, expected):
+            result.release, result.already_current = current, True
+            return result
+        result.repaired = True  # copied again below, as a new release
     parity = manifest.get("parity") or {}
     if not parity.get("passed", True) and not force:
         raise PromotionRefused(f"{folder}: the export failed its parity check "
@@ -495,7 +509,6 @@ def _promote(d, folder: Path, manifest: dict, expected: dict, keep: int,
                        current_manifest, result)
     release = _release_id(expected["manifest.json"], d.entries())
     staging = f"{INCOMING}{release}"
-    files = sorted(expected)
     try:
         d.upload(folder, files, staging)
         got = d.checksums(staging, files)
@@ -507,7 +520,7 @@ def _promote(d, folder: Path, manifest: dict, expected: dict, keep: int,
     except BaseException:
         d.remove(staging)
         raise
-    if current is not None:
+    if ours:
         _hide_abandoned(d, current, release)
     try:
         d.switch(release)
@@ -516,11 +529,35 @@ def _promote(d, folder: Path, manifest: dict, expected: dict, keep: int,
                           f"points to {current}; the copy is {RELEASES}/{release}") from None
     result.release = release
     try:
-        result.pruned = prune(d, keep)
-    except OSError as exc:
+        result.pruned, result.not_removed = prune(d, keep)
+    except (OSError, DeployError) as exc:
+        reason = _os_reason(exc) if isinstance(exc, OSError) else str(exc)
         raise DeployError(f"{d}: {CURRENT} -> {RELEASES}/{release}, but removing old releases "
-                          f"failed ({_os_reason(exc)})") from None
+                          f"failed ({reason}); the next promote tries again") from None
     return result
+
+
+def _release_manifest(d, release: str) -> tuple[dict | None, str | None]:
+    """(manifest, None) of a release on DEST, or (None, what is wrong with it)."""
+    from .best import manifest_problem
+
+    text = d.read_manifest(release)
+    if text is None:
+        return None, "has no manifest.json"
+    try:
+        manifest = json.loads(text)
+    except (ValueError, RecursionError):
+        return None, "has an unreadable manifest.json"
+    if problem := manifest_problem(manifest):
+        return None, f"has an unusable manifest.json ({problem})"
+    return manifest, None
+
+
+def _damaged(d, release: str, expected: dict[str, str]) -> str | None:
+    """What is missing or changed in a release on DEST against `expected` sums, or None."""
+    got = d.checksums(release, sorted(expected))
+    bad = [rel for rel in sorted(expected) if got.get(rel) != expected[rel]]
+    return f"{len(bad)} file(s) missing or changed (first: {bad[0]})" if bad else None
 
 
 def rollback(dest: str, ssh_options=()) -> tuple[str, str]:
@@ -545,11 +582,43 @@ def _rollback(d) -> tuple[str, str]:
     older = [r for r in releases if _order(r) < _order(current)]
     if not older:
         raise UsageError(f"{d}: {current} is the oldest release kept; nothing to roll back to")
-    d.switch(older[-1])
+    target = older[-1]
+    manifest, problem = _release_manifest(d, target)
+    if manifest is not None:
+        files = manifest.get("files", {})
+        if not all(_plain_relative(rel) and isinstance(sha, str) for rel, sha in files.items()):
+            problem = "has an unusable manifest.json (a file name outside its folder)"
+        else:
+            problem = _damaged(d, target, files)
+            if problem is None and not _sha_prefix_ok(d, target):
+                problem = "has a manifest.json changed since it was promoted"
+    if problem:
+        raise DeployError(f"{d}: cannot roll back to {target}: it {problem}; {CURRENT} left at "
+                          f"{current} (promote the export you want instead)")
+    d.switch(target)
     # Renamed after the switch, so `current` never points at a hidden name; an interruption
     # between the two leaves the rejected release visible, until the next promote hides it.
-    d.rename(current, f"{ROLLED_BACK}{current}")
-    return current, older[-1]
+    try:
+        d.rename(current, f"{ROLLED_BACK}{current}")
+    except (OSError, DeployError) as exc:
+        reason = _os_reason(exc) if isinstance(exc, OSError) else str(exc)
+        try:  # a retry must not roll back a second release: undo the switch
+            d.switch(current)
+        except (OSError, DeployError):
+            raise DeployError(f"{d}: {CURRENT} -> {target}, but {current} could not be marked "
+                              f"as rolled back ({reason}); fix that before rolling back again, "
+                              "or a second rollback goes one release further") from None
+        raise DeployError(f"rollback on {d}: could not mark {current} as rolled back "
+                          f"({reason}); {CURRENT} left at {current}") from None
+    return current, target
+
+
+def _sha_prefix_ok(d, release: str) -> bool:
+    """A release's name ends in the first 8 hex digits of its manifest's sha256 (`_release_id`)."""
+    prefix = release.rsplit("-", 1)[-1]
+    if not re.fullmatch(r"[0-9a-f]{8}", prefix):
+        return True  # not a name this tool made: nothing to check against
+    return d.checksums(release, ["manifest.json"]).get("manifest.json", "").startswith(prefix)
 
 
 def _hide_abandoned(d, current: str, new: str) -> None:
@@ -563,17 +632,24 @@ def _hide_abandoned(d, current: str, new: str) -> None:
             d.rename(name, f"{ROLLED_BACK}{name}")
 
 
-def prune(d, keep: int) -> list[str]:
+def prune(d, keep: int) -> tuple[list[str], list[str]]:
     """Remove all but the newest `keep` releases (never the current one), the releases rolled
-    back from, and what interrupted promotes left behind (untouched for an hour)."""
+    back from, and what interrupted promotes left behind (untouched for an hour); returns
+    (removed, still there). A release is hidden (renamed `.removing-<id>`) before its files
+    go: a removal that fails halfway then leaves no gutted release for a rollback to pick."""
     current = d.current()
     releases = d.releases()
-    doomed = [r for r in releases[:-keep] if r != current] if len(releases) > keep else []
-    doomed += [n for n in d.entries() if n.startswith(ROLLED_BACK)]
+    old = [r for r in releases[:-keep] if r != current] if len(releases) > keep else []
+    for name in old:
+        d.rename(name, f"{REMOVING}{name}")
+    doomed = [n for n in d.entries() if n.startswith((ROLLED_BACK, REMOVING))]
     doomed += d.stale(INCOMING, STALE_INCOMING_S)
     for name in doomed:
         d.remove(name)
-    return doomed
+    left = set(d.entries())
+    shown = {f"{REMOVING}{n}": n for n in old}  # as the user knew them
+    return ([shown.get(n, n) for n in doomed if n not in left],
+            [n for n in doomed if n in left])
 
 
 def _export_folder(source: Path) -> tuple[Path, dict]:
@@ -728,7 +804,10 @@ def _release_id(manifest_sha: str, taken: list[str]) -> str:
 
 
 def _order(name: str) -> tuple[int, str]:
-    head = name.removeprefix(ROLLED_BACK).removeprefix(INCOMING).split("-", 1)[0]
+    bare = name
+    for prefix in (ROLLED_BACK, INCOMING, REMOVING):
+        bare = bare.removeprefix(prefix)
+    head = bare.split("-", 1)[0]
     return (int(head) if head.isdigit() else 0, name)
 
 
@@ -803,9 +882,15 @@ def cmd_promote(args) -> int:
     if result.already_current:
         print(f"{result.destination}: this export is already current ({result.release})")
     else:
+        if result.repaired:
+            print(f"{result.destination}: this export was current ({result.previous}), but "
+                  "files there were missing or changed: copied again")
         print(f"{result.destination}: current -> {RELEASES}/{result.release}")
     if result.pruned:
         print("removed old releases: " + ", ".join(result.pruned))
+    if result.not_removed:
+        print("could not remove (hidden; the next promote tries again): "
+              + ", ".join(result.not_removed))
     return 0
 
 

@@ -112,7 +112,8 @@ def prepare(config: SearchConfig, report: bool = True) -> Run:
 
 # Settings added after a run's config.json format was fixed: a run directory written before one
 # existed ran with the value given here, so it still resumes with that value.
-LEGACY_SETTINGS = {"fit": {"warmup_epochs_stage2": 0}, "scan": {"group_pattern": None}}
+LEGACY_SETTINGS = {"fit": {"warmup_epochs_stage2": 0},
+                   "scan": {"group_pattern": None, "no_face_folders": []}}
 
 
 def _check_config(config: SearchConfig, path: Path) -> None:
