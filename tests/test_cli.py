@@ -345,3 +345,26 @@ def test_stage2_warmup_flag_is_part_of_a_runs_identity_and_old_runs_resume(data,
     assert named.scan.no_face_folders == ("no_face",)
     with pytest.raises(UsageError, match=r"\(scan\.no_face_folders\)"):
         _check_config(named, run / "config.json")
+
+
+def test_reports_are_never_written_into_the_dataset_and_bad_run_configs_are_one_line(
+        data, tmp_path, capsys):
+    """`evaluate --json` and `report --output` check where they write, as `data` does, before
+    any work: inside the dataset, a report would become a "person" at the next scan."""
+    def refused(argv, message):
+        assert cli.main([str(a) for a in argv]) == 2
+        line = error_line(capsys)
+        assert message in line, line
+
+    refused(["evaluate", tmp_path / "no_model", "--data", data, "--json", data / "eval.json"],
+            f"--json {data / 'eval.json'}: inside the dataset folder")
+    refused(["evaluate", tmp_path / "no_model", "--data", data, "--json", tmp_path],
+            f"--json {tmp_path}: is a folder; give a file name")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"data_dir": str(data)}))
+    refused(["report", run, "--output", data / "out"], "--output " + str(data / "out") +
+            ": inside the dataset folder")
+    assert not (data / "out").exists()
+    (run / "config.json").write_text('{"data_dir": ')
+    refused(["report", run], f"{run / 'config.json'}: unreadable (JSONDecodeError)")

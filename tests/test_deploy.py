@@ -798,3 +798,16 @@ def test_promote_and_rollback_over_ssh(sshd, tmp_path, monkeypatch, capsys):
     assert cli("rollback", "--to", dest, *[f"--ssh-option={o}" for o in options]) == 0
     assert json.loads((dest_dir / "current" / "manifest.json").read_text())["tag"] == "a"
     assert os.readlink(dest_dir / "current") == f"releases/{releases[0]}"
+
+
+def test_predict_on_a_folder_leaves_out_hidden_files_as_the_scan_does(tmp_path):
+    """A folder copied from a Mac carries `._photo.jpg` (resource forks, not pictures), and
+    viewers keep `.thumbnails/`: predict used to answer an error for one and classify the
+    other. A hidden file named on the command line is still read."""
+    folder = tmp_path / "photos"
+    (folder / ".thumbnails").mkdir(parents=True)
+    (folder / "trip").mkdir()
+    for rel in ("a.jpg", "trip/b.png", "._a.jpg", ".thumbnails/a.jpg", "notes.txt"):
+        (folder / rel).write_bytes(b"x")
+    assert deploy.image_paths([folder]) == [folder / "a.jpg", folder / "trip" / "b.png"]
+    assert deploy.image_paths([folder / "._a.jpg"]) == [folder / "._a.jpg"]

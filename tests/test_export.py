@@ -479,3 +479,28 @@ def test_offline_check_flags_an_incompatible_model(tmp_path):
     line = export._edgetpu_line({"note": "edgetpu_compiler is not installed",
                                  "compatibility": check})
     assert "would fall back to the CPU" in line and "HARD_SWISH" in line
+
+
+def test_export_output_never_replaces_the_run_or_a_folder_of_other_files(run_dir, tmp_path,
+                                                                         capsys):
+    """An export replaces its folder whole: `--output RUN` used to delete the study, the split
+    and best/, and `--output mine` the user's own files in it (measured before the check)."""
+    from tuner.cli import main
+
+    run = copy_run(run_dir, tmp_path / "runs" / "run")
+    mine = tmp_path / "mine"
+    (mine / "photos").mkdir(parents=True)
+    (mine / "notes.txt").write_text("precious\n")
+    for target, message in ((run, "would replace the run directory"),
+                            (tmp_path / "runs", "would replace the run directory"),
+                            (mine, "a folder that holds other files, not an earlier export")):
+        assert main(["export", str(run), "--formats", "keras", "--output", str(target)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"--output {target}: {message}" in err
+    assert (mine / "notes.txt").read_text() == "precious\n" and (mine / "photos").is_dir()
+    assert (run / "split.csv").is_file() and (run / "best" / "model.keras").is_file()
+    # A new folder, then the same folder again (an earlier export): both fine.
+    out = tmp_path / "exp"
+    for _ in range(2):
+        assert export.export_run(run, ["keras"], out_dir=out).ok
+    assert json.loads((out / "manifest.json").read_text())["kind"] == "personclf-tune export"

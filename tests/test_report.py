@@ -363,3 +363,22 @@ def test_plot_confusion_matrix(tmp_path, k):
     assert _is_png(tmp_path / "raw.png")
     with pytest.raises(UsageError):
         report.plot_confusion_matrix(cm[:-1], classes, path)
+
+
+def test_evaluate_says_when_only_strangers_are_in_the_folder():
+    """A folder holding only Unknown/ (no new folders either) measures rejection alone: the
+    note used to appear only when the strangers came in folders of their own."""
+    from tuner.report import evaluate_predictions, format_evaluation
+
+    classes = ["Alice", "Bob", "Unknown"]
+    y = np.array([2, 2, 2, 2])
+    probs = np.array([[0.1, 0.1, 0.8], [0.7, 0.2, 0.1], [0.2, 0.2, 0.6], [0.1, 0.1, 0.8]])
+    ev = evaluate_predictions(y, probs, classes)
+    ev.update(unknown_folders=[], unknown_folder_images=0, known_people_present=[])
+    note = "none of the model's people is in this folder: these numbers say only how often " \
+           "strangers are rejected"
+    assert note in format_evaluation(ev, title="only_unknown")
+    ev["known_people_present"] = ["Alice"]
+    assert note not in format_evaluation(ev, title="with_alice")
+    del ev["known_people_present"]  # a test split's report: no such key, no note
+    assert note not in format_evaluation(ev, title="Test split")

@@ -315,6 +315,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     if args.run_dir is None and args.storage is None:
         raise UsageError("report: give a run directory or --storage URL --study-name NAME")
+    if args.output is not None and args.run_dir is not None:
+        from .search import saved_data_dir
+
+        if (data_dir := saved_data_dir(args.run_dir)) is not None:
+            _check_output("--output", args.output, data_dir, folder=True)
     engine, objective, study, trials = load_state(args.run_dir, args.storage, args.study_name)
     out_dir = args.output or args.run_dir
     if out_dir is None:  # --storage alone: never litter the working directory
@@ -334,6 +339,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .data import skipped_text, write_json
     from .report import format_evaluation
 
+    _check_output("--json", args.json, args.data)
     evaluation = evaluate_model(args.model, args.data, args.no_face_policy,
                                 tuple(args.no_face_folders))
     print(format_evaluation(evaluation, title=str(args.data)))
@@ -342,7 +348,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if left_out:
         print("\n" + left_out)
     if args.json:
-        write_json({k: v for k, v in evaluation.items() if k != "report_text"}, args.json)
+        _write_output("--json", args.json, lambda: write_json(
+            {k: v for k, v in evaluation.items() if k != "report_text"}, args.json))
         print(f"\nwrote {args.json}")
     return 0
 
@@ -381,13 +388,13 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_output(flag: str, path: Path | None, data_dir: Path) -> None:
-    """A report file goes beside the dataset, never into it: no input file is ever touched
-    (and the next scan would find the report)."""
+def _check_output(flag: str, path: Path | None, data_dir: Path, folder: bool = False) -> None:
+    """A report file (or `folder`) goes beside the dataset, never into it: no input file is
+    ever touched (and the next scan would find the report)."""
     if path is None:
         return
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and not folder:
         raise UsageError(f"{flag} {path}: is a folder; give a file name")
     if Path(os.path.realpath(path)).is_relative_to(os.path.realpath(data_dir)):
         raise UsageError(f"{flag} {path}: inside the dataset folder {data_dir}; write it "

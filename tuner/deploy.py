@@ -102,7 +102,9 @@ def predict(model: Path, inputs, fmt: str | None = None) -> list[dict]:
         try:
             pixels = load_image(image, size, scanned=False)
         except (DatasetError, OSError) as exc:
-            results.append({"image": str(image), "error": str(exc)})
+            # The reason alone: the image is named beside it (in the line and in --json).
+            reason = str(exc).removeprefix(f"{image}: ")
+            results.append({"image": str(image), "error": reason})
             continue
         probs = runner.predict(pixels[None])[0]
         if len(probs) != len(classes):
@@ -156,7 +158,8 @@ def resolve_model(path: Path, fmt: str | None = None) -> tuple[Path, dict]:
 
 
 def image_paths(inputs) -> list[Path]:
-    """Files as given; folders walked recursively for images, sorted."""
+    """Files as given; folders walked recursively for images, sorted, leaving out hidden
+    files and folders as the scan does (a Mac's `._photo.jpg`, a viewer's `.thumbnails/`)."""
     from .data import IMAGE_SUFFIXES
 
     out: list[Path] = []
@@ -164,7 +167,9 @@ def image_paths(inputs) -> list[Path]:
         item = Path(item)
         if item.is_dir():
             out += sorted(p for p in item.rglob("*")
-                          if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+                          if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                          and not any(part.startswith(".")
+                                      for part in p.relative_to(item).parts))
         elif item.exists():
             out.append(item)
         else:

@@ -718,6 +718,7 @@ def export_run(run_dir: Path, formats=None, *, min_agreement: float = DEFAULT_MI
     size = input_size(best, best_dir / MANIFEST)
 
     final = Path(out_dir) if out_dir else run_dir / EXPORT_DIR
+    _check_export_target(final, run_dir, data_dir, chosen=out_dir is not None)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
@@ -886,6 +887,30 @@ def _write_manifest(folder: Path, manifest: dict) -> None:
     write_json(manifest, folder / MANIFEST)
 
 
+def _check_export_target(final: Path, run_dir: Path, data_dir: Path, chosen: bool) -> None:
+    """The export replaces `final` whole, so a `chosen` one (--output) must be new, empty or an
+    earlier export: never the run (or a folder holding it), the dataset, or a folder of the
+    user's own files. RUN/export, the default, is the run's own."""
+    real = Path(os.path.realpath(final))
+    if Path(os.path.realpath(run_dir)).is_relative_to(real):
+        raise UsageError(f"--output {final}: would replace the run directory {run_dir}; give a "
+                         "new folder")
+    if real.is_relative_to(os.path.realpath(data_dir)):
+        raise UsageError(f"--output {final}: inside the dataset folder {data_dir}; write it "
+                         "elsewhere (this tool never changes the dataset)")
+    if final.exists() and not final.is_dir():
+        raise UsageError(f"--output {final}: is a file; give a folder")
+    if chosen and final.is_dir() and any(final.iterdir()):
+        try:
+            kind = json.loads((final / MANIFEST).read_text()).get("kind")
+        except (OSError, ValueError, AttributeError, RecursionError):
+            kind = None
+        if kind != "personclf-tune export":
+            raise UsageError(f"--output {final}: a folder that holds other files, not an earlier "
+                             "export; an export replaces its folder whole, so give a new or "
+                             "empty one")
+
+
 def _swap_into_place(staging: Path, final: Path) -> None:
     """Replace `final` by the complete staging folder (renames only, same file system)."""
     old = None
@@ -899,10 +924,12 @@ def _swap_into_place(staging: Path, final: Path) -> None:
 
 
 def _data_dir(run_dir: Path) -> Path:
-    path = run_dir / "config.json"
-    if not path.is_file():
-        raise UsageError(f"{run_dir}: no config.json; pass --data DIR (the dataset folder)")
-    data_dir = Path(json.loads(path.read_text())["data_dir"])
+    from .search import saved_data_dir
+
+    data_dir = saved_data_dir(run_dir)
+    if data_dir is None:
+        raise UsageError(f"{run_dir}: no config.json naming the dataset; pass --data DIR (the "
+                         "dataset folder)")
     if not data_dir.is_dir():
         raise UsageError(f"{data_dir} (the run's dataset folder) is gone; pass --data DIR")
     return data_dir

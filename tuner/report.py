@@ -515,9 +515,10 @@ def format_evaluation(ev: dict, title: str = "Test split") -> str:
         shown = ", ".join(strangers[:5]) + (", ..." if len(strangers) > 5 else "")
         lines.append(f"{len(strangers)} folder(s) of people the model does not know ({shown}): "
                      f"their {ev.get('unknown_folder_images', '?')} photos count as Unknown")
-        if not ev.get("known_people_present", True):
-            lines.append("none of the model's people is in this folder: these numbers say only "
-                         "how often strangers are rejected")
+    if "known_people_present" in ev and not ev["known_people_present"]:
+        # Strangers alone (in new folders, or only in Unknown/).
+        lines.append("none of the model's people is in this folder: these numbers say only "
+                     "how often strangers are rejected")
     if ev.get("threshold"):
         lines.append(f"Unknown threshold {ev['threshold']:.4f} "
                      f"({ev.get('rejected', 0)} predictions turned into Unknown)")

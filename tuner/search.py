@@ -120,7 +120,7 @@ def _check_config(config: SearchConfig, path: Path) -> None:
     """A rerun on the same directory must use the same settings (more trials is fine)."""
     current = config.identity()
     if path.exists():
-        saved = json.loads(path.read_text())
+        saved = _read_config(path)
         saved.pop("version", None)
         for section, defaults in LEGACY_SETTINGS.items():
             if isinstance(saved.get(section), dict):
@@ -378,6 +378,7 @@ def _run_optuna_trial(study, trial, hypermodel, run: Run, hp_cls, fit) -> dict:
     trial.set_user_attr("history", result.history)
     value = metrics.get(cfg.fit.objective, float("nan"))
     if not math.isfinite(value):
+        trial.set_user_attr("error", "objective is not finite")  # what `report` shows
         study.tell(trial, state=TrialState.FAIL)
         return {"number": trial.number, "state": "FAIL", "params": params,
                 "error": "objective is not finite", "seconds": result.seconds}
@@ -731,6 +732,27 @@ def finish(run: Run, state, retrain: bool = True) -> SearchOutcome:
     return outcome
 
 
+def _read_config(path: Path) -> dict:
+    """A run's config.json, or a one-line error naming it (truncated, hand-edited)."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise UsageError(f"{path}: unreadable ({type(exc).__name__}); restore it, or rerun the "
+                         "search with the same flags to rewrite it") from None
+    if not isinstance(saved, dict):
+        raise UsageError(f"{path}: not a run's config (not a JSON object); restore it")
+    return saved
+
+
+def saved_data_dir(run_dir: Path) -> Path | None:
+    """The dataset folder a run was started on (its config.json), or None."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        return None
+    value = _read_config(path).get("data_dir")
+    return Path(value) if isinstance(value, str) else None
+
+
 def load_state(run_dir: Path | None, storage: str | None = None,
                study_name: str | None = None):
     """Reopen a run's config and engine state for `personclf-tune report`.
@@ -742,7 +764,7 @@ def load_state(run_dir: Path | None, storage: str | None = None,
     if (path is None or not path.exists()) and storage is None:
         raise UsageError(f"{run_dir}: no config.json here; give the run directory of a search "
                          "or --storage URL --study-name NAME")
-    saved = json.loads(path.read_text()) if path is not None and path.exists() else {}
+    saved = _read_config(path) if path is not None and path.exists() else {}
     engine = saved.get("engine", "optuna")
     objective = saved.get("fit", {}).get("objective")
     if engine == "optuna":
