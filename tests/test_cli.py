@@ -334,7 +334,7 @@ def test_stage2_warmup_flag_is_part_of_a_runs_identity_and_old_runs_resume(data,
     _check_config(off, run / "config.json")
     grouped = cli.search_config(cli.build_parser().parse_args(
         [*argv, "--stage2-warmup-epochs", "0", "--group-pattern", "^Unknown/(.+)_"]))
-    with pytest.raises(UsageError, match=r"\(scan\.group_pattern\)"):
+    with pytest.raises(UsageError, match=r"\(scan\.group_pattern \(--group-pattern\)\)"):
         _check_config(grouped, run / "config.json")
     # And --no-face-folder: such a directory read every nested folder as no-face.
     del old["scan"]["no_face_folders"]
@@ -343,7 +343,7 @@ def test_stage2_warmup_flag_is_part_of_a_runs_identity_and_old_runs_resume(data,
     named = cli.search_config(cli.build_parser().parse_args(
         [*argv, "--stage2-warmup-epochs", "0", "--no-face-folder", "no_face"]))
     assert named.scan.no_face_folders == ("no_face",)
-    with pytest.raises(UsageError, match=r"\(scan\.no_face_folders\)"):
+    with pytest.raises(UsageError, match=r"\(scan\.no_face_folders \(--no-face-folder\)\)"):
         _check_config(named, run / "config.json")
 
 
@@ -368,3 +368,49 @@ def test_reports_are_never_written_into_the_dataset_and_bad_run_configs_are_one_
     assert not (data / "out").exists()
     (run / "config.json").write_text('{"data_dir": ')
     refused(["report", run], f"{run / 'config.json'}: unreadable (JSONDecodeError)")
+
+
+def test_an_output_that_is_a_file_and_a_report_before_any_trial_are_one_line(data, space,
+                                                                             tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for output, message in ((afile, f"--output {afile}: is a file; give a folder"),
+                            (afile / "sub", f"--output {afile / 'sub'}: cannot create it")):
+        assert cli.main(["--data", str(data), "--space", str(space), "--output",
+                         str(output)]) == 2
+        assert message in error_line(capsys)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"data_dir": str(data)}))
+    assert cli.main(["report", str(run), "--output", str(afile)]) == 2
+    assert f"--output {afile}: is a file; give a folder" in error_line(capsys)
+    # Interrupted before its first trial: nothing to report, and nothing written.
+    assert cli.main(["report", str(run)]) == 2
+    assert f"{run}: no trial has started yet; rerun the search to continue it" in \
+        error_line(capsys)
+    assert sorted(p.name for p in run.iterdir()) == ["config.json"]
+
+
+def test_a_space_file_edited_between_two_starts_is_refused(data, space, tmp_path):
+    """The run records its space by content: the same path with other values would mix two
+    spaces in one leaderboard. Comments and layout do not count."""
+    from tuner.errors import UsageError
+    from tuner.search import _check_config
+
+    run = tmp_path / "r"
+    argv = ["search", "--data", str(data), "--space", str(space), "--output", str(run)]
+    first = cli.search_config(cli.build_parser().parse_args(argv))
+    run.mkdir()
+    _check_config(first, run / "config.json")
+    space.write_text("# a comment\n" + space.read_text() + "\n\n")
+    _check_config(cli.search_config(cli.build_parser().parse_args(argv)), run / "config.json")
+    space.write_text(space.read_text().replace("[96]", "[128]"))
+    assert "[128]" in space.read_text()
+    with pytest.raises(UsageError, match=r"\(space_content \(the --space file was edited\)\)"):
+        _check_config(cli.search_config(cli.build_parser().parse_args(argv)),
+                      run / "config.json")
+    # A run directory from before the content was recorded resumes on its path alone.
+    saved = json.loads((run / "config.json").read_text())
+    del saved["space_content"]
+    (run / "config.json").write_text(json.dumps(saved))
+    _check_config(cli.search_config(cli.build_parser().parse_args(argv)), run / "config.json")

@@ -585,6 +585,35 @@ def test_orphaned_running_trial_is_failed_after_a_while(tmp_path, monkeypatch):
     assert "no worker" in frozen.system_attrs["fail_reason"]
 
 
+def test_a_resume_in_a_new_container_fails_its_predecessors_running_trial(tmp_path):
+    """A run killed in one container and resumed in the next (another host name, same
+    volume): the trial it left RUNNING names a worker no heartbeat covers, so the resumed
+    search waited forever (measured before `_fail_orphans`). Under the run directory's lock,
+    before any worker starts, no such trial can be running: it is failed and queued again."""
+    from optuna.trial import TrialState
+
+    from tuner.config import SearchConfig
+    from tuner.search import _fail_orphans
+    from tuner.storage import fail_dead_trials
+
+    config = SearchConfig(data_dir=tmp_path / "data", run_dir=tmp_path / "run")
+    config.run_dir.mkdir()
+    study = _journal_study(config.run_dir / "study.journal")
+    left = study.ask()
+    x = left.suggest_float("x", 0.0, 1.0)
+    for key, value in (("worker_host", "old-container"), ("worker_pid", 7),
+                       ("worker_ns", "boot/pid:[4026531836]")):
+        study._storage.set_trial_system_attr(left._trial_id, key, value)
+    assert fail_dead_trials(study) == []  # another host: not ours to judge, without the lock
+    _fail_orphans(config)
+    frozen = study.get_trials()[left.number]
+    assert frozen.state == TrialState.FAIL
+    assert "left running by worker old-container:7, which is gone" in \
+        frozen.system_attrs["fail_reason"]
+    retry = study.ask()
+    assert retry.user_attrs["retry_of"] == left.number and retry.suggest_float("x", 0, 1) == x
+
+
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")
 @pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 def test_rdb_heartbeat_lets_a_dead_worker_trial_fail(tmp_path):

@@ -599,3 +599,43 @@ def test_local_workers_on_a_journal_survive_a_kill(work):
     table = pd.read_csv(run / "trials.csv")
     assert table["number"].tolist() == [t.number for t in trials]
     assert "died" in str(table.loc[table["number"] == victim.number, "error"].iloc[0])
+
+
+PARENT = """
+import sys, time
+from tuner import workers
+sys.executable = sys.argv[1]  # a stand-in worker: records its pid, then sleeps
+workers.POLL_SECONDS = 0.05
+open(sys.argv[2] + ".ready", "w").close()
+workers.run_local_workers([], 2)
+"""
+
+
+def _stand_in_workers(tmp_path: Path, kill_with: int) -> list[int]:
+    """Start run_local_workers in a process whose two "workers" are shell scripts that sleep,
+    send the parent `kill_with` once both run, and return the workers' pids."""
+    pids = tmp_path / "pids"
+    fake = tmp_path / "fake_python"
+    fake.write_text(f"#!/bin/sh\necho $$ >> {pids}\nexec sleep 120\n")
+    fake.chmod(0o755)
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, str(fake), str(tmp_path / "p")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not (pids.exists() and len(pids.read_text().split()) == 2):
+        assert time.monotonic() < deadline and parent.poll() is None, parent.communicate()
+        time.sleep(0.05)
+    parent.send_signal(kill_with)
+    parent.wait(timeout=30)
+    return [int(p) for p in pids.read_text().split()]
+
+
+@pytest.mark.parametrize("kill_with", [signal.SIGTERM, signal.SIGKILL])
+def test_workers_stop_with_their_parent(tmp_path, kill_with):
+    """SIGTERM (docker stop, systemd, timeout) reaches the workers as Ctrl-C; SIGKILL of the
+    parent reaches them as SIGTERM from the kernel. Before, both left the workers running the
+    study unattended, beside the next start's own."""
+    children = _stand_in_workers(tmp_path, kill_with)
+    deadline = time.monotonic() + 10
+    while any(workers.pid_alive(pid) for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(workers.pid_alive(pid) for pid in children)

@@ -315,11 +315,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     if args.run_dir is None and args.storage is None:
         raise UsageError("report: give a run directory or --storage URL --study-name NAME")
-    if args.output is not None and args.run_dir is not None:
+    if args.output is not None:
         from .search import saved_data_dir
 
-        if (data_dir := saved_data_dir(args.run_dir)) is not None:
-            _check_output("--output", args.output, data_dir, folder=True)
+        data_dir = saved_data_dir(args.run_dir) if args.run_dir is not None else None
+        _check_output("--output", args.output, data_dir, folder=True)
     engine, objective, study, trials = load_state(args.run_dir, args.storage, args.study_name)
     out_dir = args.output or args.run_dir
     if out_dir is None:  # --storage alone: never litter the working directory
@@ -388,7 +388,8 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_output(flag: str, path: Path | None, data_dir: Path, folder: bool = False) -> None:
+def _check_output(flag: str, path: Path | None, data_dir: Path | None,
+                  folder: bool = False) -> None:
     """A report file (or `folder`) goes beside the dataset, never into it: no input file is
     ever touched (and the next scan would find the report)."""
     if path is None:
@@ -396,7 +397,10 @@ def _check_output(flag: str, path: Path | None, data_dir: Path, folder: bool = F
     path = Path(path)
     if path.is_dir() and not folder:
         raise UsageError(f"{flag} {path}: is a folder; give a file name")
-    if Path(os.path.realpath(path)).is_relative_to(os.path.realpath(data_dir)):
+    if folder and path.exists() and not path.is_dir():
+        raise UsageError(f"{flag} {path}: is a file; give a folder")
+    if data_dir is not None and \
+            Path(os.path.realpath(path)).is_relative_to(os.path.realpath(data_dir)):
         raise UsageError(f"{flag} {path}: inside the dataset folder {data_dir}; write it "
                          "elsewhere (this tool never changes the dataset)")
 

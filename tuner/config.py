@@ -246,17 +246,36 @@ class SearchConfig:
     def identity(self) -> dict:
         """The settings a resumed run must share with the original (not the trial count).
 
-        Paths are absolute, so the same run resumes from any working directory.
+        Paths are absolute, so the same run resumes from any working directory. The space is
+        also recorded by content: a space file edited between two starts would mix two spaces
+        in one leaderboard (or, with KerasTuner's oracles, be silently ignored).
         """
         d = asdict(self)
         d["data_dir"] = str(self.data_dir.resolve())
         d["space"] = str(self.space.resolve())
+        d["space_content"] = space_digest(self.space)
         d["scan"]["data_dir"] = d["data_dir"]
         for key in ("trials", "workers", "retrain_best", "head_refit", "run_dir",
                     "cache_memory_mb", "max_failures"):
             d.pop(key)
         d["fit"].pop("verbose")
         return _jsonable(d)
+
+
+def space_digest(path: Path) -> str | None:
+    """The first 16 hex digits of the sha256 of a space file's parsed content (comments and
+    layout do not count), or None where it cannot be read (loading the space says why)."""
+    import hashlib
+    import json
+
+    import yaml
+
+    try:
+        content = yaml.safe_load(Path(path).read_text())
+        text = json.dumps(content, sort_keys=True, default=str)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, TypeError, ValueError):
+        return None
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _jsonable(obj):

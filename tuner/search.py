@@ -116,16 +116,33 @@ LEGACY_SETTINGS = {"fit": {"warmup_epochs_stage2": 0},
                    "scan": {"group_pattern": None, "no_face_folders": []}}
 
 
+# The flag behind each setting a refused resume names, where the names differ.
+FLAGS = {"fast": "--no-cache", "pruning": "--no-pruning", "space": "--space",
+         "space_content": "the --space file was edited", "backbones": "--backbones",
+         "fit.max_epochs_stage1": "--max-epochs", "fit.max_epochs_stage2": "--max-epochs-stage2",
+         "fit.seed": "--seed", "split.seed": "--seed", "fit.weights": "--weights",
+         "fit.augment_views": "--augment-views", "fit.warmup_epochs_stage2":
+         "--stage2-warmup-epochs", "fit.patience": "--patience",
+         "fit.class_weight": "--class-weight", "fit.objective": "--objective",
+         "split.val_fraction": "--val-fraction", "split.test_fraction": "--test-fraction",
+         "scan.no_face_policy": "--no-face-policy", "scan.no_face_folders": "--no-face-folder",
+         "scan.group_pattern": "--group-pattern", "scan.unknown_name": "--unknown-name",
+         "scan.near_duplicate_distance": "--near-duplicate-distance", "data_dir": "--data"}
+
+
 def _check_config(config: SearchConfig, path: Path) -> None:
     """A rerun on the same directory must use the same settings (more trials is fine)."""
     current = config.identity()
     if path.exists():
         saved = _read_config(path)
         saved.pop("version", None)
+        # Written before the space's content was recorded: only its path can be compared.
+        saved.setdefault("space_content", current["space_content"])
         for section, defaults in LEGACY_SETTINGS.items():
             if isinstance(saved.get(section), dict):
                 saved[section] = {**defaults, **saved[section]}
-        changed = _changed(saved, current)
+        changed = [f"{name} ({FLAGS[name]})" if name in FLAGS else name
+                   for name in _changed(saved, current)]
         if changed:
             raise UsageError(
                 f"{config.run_dir} was started with different settings ({', '.join(changed)}); "
@@ -578,6 +595,14 @@ def _kerastuner_frame(trials: dict, space: SearchSpace) -> pd.DataFrame:
 # The whole search
 
 
+def _fail_orphans(config: SearchConfig) -> None:
+    """Fail (and requeue) every trial left RUNNING in the run's own journal: under the run
+    directory's lock, before any worker starts, none of them can still be running."""
+    if config.engine == "optuna" and config.storage is None and \
+            (config.run_dir / STUDY_JOURNAL).is_file():
+        fail_dead_trials(open_study(config), all_dead=True)
+
+
 class RunLock:
     """One driver per run directory at a time (workers of one study use their own storage)."""
 
@@ -587,8 +612,15 @@ class RunLock:
         self.created = False
 
     def __enter__(self):
-        self.created = not self.path.parent.exists()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        folder = self.path.parent
+        if folder.exists() and not folder.is_dir():
+            raise UsageError(f"--output {folder}: is a file; give a folder")
+        self.created = not folder.exists()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"--output {folder}: cannot create it ({exc.strerror or exc})") \
+                from None
         self.fh = open(self.path, "w")
         try:
             fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -647,6 +679,8 @@ def run_search(config: SearchConfig, on_trial: Callable[[dict], None] | None = N
     freeze_imports()
     with contextlib.nullcontext() if worker else RunLock(config.run_dir):
         run = prepare(config, report=not worker)
+        if not worker:
+            _fail_orphans(config)
         try:
             if config.engine == "optuna":
                 state = run_optuna(run, on_trial, wait_for_others=True)
@@ -683,6 +717,7 @@ def run_with_local_workers(config: SearchConfig, worker_argv: list[str]) -> Sear
                          f"{config.engine} oracle runs in one process)")
     with RunLock(config.run_dir):
         run = prepare(config)  # reused after the workers: split.csv and config are settled
+        _fail_orphans(config)
         codes = run_local_workers(worker_argv, config.workers)
         study = open_study(config)
         fail_dead_trials(study)
@@ -770,7 +805,12 @@ def load_state(run_dir: Path | None, storage: str | None = None,
     if engine == "optuna":
         import optuna
 
-        url = storage or saved.get("storage") or f"journal:{Path(run_dir) / STUDY_JOURNAL}"
+        journal = Path(run_dir) / STUDY_JOURNAL if run_dir is not None else None
+        if not (storage or saved.get("storage")) and \
+                (not journal.is_file() or journal.stat().st_size == 0):
+            raise UsageError(f"{run_dir}: no trial has started yet; rerun the search to "
+                             "continue it")
+        url = storage or saved.get("storage") or f"journal:{journal}"
         name = study_name or saved.get("study_name") or "personclf"
         opened = open_storage(url)
         try:

@@ -166,8 +166,13 @@ def _stale_trial_ids(study) -> set[int]:
         return set()
 
 
-def fail_dead_trials(study) -> list[int]:
+def fail_dead_trials(study, all_dead: bool = False) -> list[int]:
     """Mark RUNNING trials whose worker is gone as FAIL, and requeue their parameters.
+
+    `all_dead`: the caller knows no worker can be running (it holds the run directory's lock
+    and its journal, before starting any): every RUNNING trial was left by a process that is
+    gone, whatever machine or container it ran in. A resume in a new container (another host
+    name) otherwise waited forever on its predecessor's trial, which no heartbeat covers.
 
     Heartbeats do this for RDB storages (each trial records them, see `heartbeat`); a journal
     file has none, but its workers are local, so a dead process id is proof enough and nobody
@@ -185,7 +190,10 @@ def fail_dead_trials(study) -> list[int]:
     now = datetime.datetime.now()  # Optuna's datetime_start is naive local time too
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         host, pid = t.system_attrs.get("worker_host"), t.system_attrs.get("worker_pid")
-        if t._trial_id in stale:
+        if all_dead:
+            reason = (f"left running by worker {host}:{pid}, which is gone (the run directory "
+                      "was free)")
+        elif t._trial_id in stale:
             grace = getattr(getattr(storage, "_backend", storage), "grace_period", None)
             reason = (f"no heartbeat for over {grace} s (worker {host}:{pid} died, hung or lost "
                       "the database)")

@@ -10,6 +10,7 @@ single process retrains, reports and exports the best trial when the study is do
 from __future__ import annotations
 
 import datetime
+import functools
 import logging
 import os
 import shutil
@@ -17,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
@@ -133,10 +135,13 @@ def worker_env(index: int, gpus: list[str], group: str | None = None,
 def run_local_workers(worker_argv: list[str], count: int) -> list[int]:
     """Start `count` worker processes (`python -m tuner.cli search ... --worker`) and wait.
 
-    Returns their exit codes (negative: killed by that signal). Ctrl-C stops them all. A worker
-    that dies leaves its trial to the others: they find it by its dead process id, fail it and
-    run its parameters again. Children are reaped as soon as they exit, or a dead worker would
-    linger as a zombie that still looks alive to the others.
+    Returns their exit codes (negative: killed by that signal). Ctrl-C stops them all, and so
+    does SIGTERM (`docker stop`, systemd, `timeout`), which is passed on as Ctrl-C; a worker
+    whose parent is killed outright gets SIGTERM from the kernel (Linux), so no worker goes on
+    unattended beside the next run. A worker that dies leaves its trial to the others: they
+    find it by its dead process id, fail it and run its parameters again. Children are reaped
+    as soon as they exit, or a dead worker would linger as a zombie that still looks alive to
+    the others.
     """
     gpus = visible_gpus()
     if not gpus and count > 1:
@@ -147,10 +152,13 @@ def run_local_workers(worker_argv: list[str], count: int) -> list[int]:
             log.warning("--workers %d on %d CPUs and no GPU: workers beyond one per core only "
                         "take turns on the cores, each with its own memory", count, cpus)
     procs = []
+    previous = _term_as_interrupt()
     try:
         for i in range(count):
             cmd = [sys.executable, "-m", "tuner.cli", "search", *worker_argv, "--worker"]
-            procs.append(subprocess.Popen(cmd, env=worker_env(i, gpus, count=count)))
+            procs.append(subprocess.Popen(cmd, env=worker_env(i, gpus, count=count),
+                                          preexec_fn=functools.partial(_die_with_parent,
+                                                                       os.getpid())))
             time.sleep(0.2)  # stagger the first storage writes a little
         while any(p.poll() is None for p in procs):
             time.sleep(POLL_SECONDS)
@@ -162,10 +170,36 @@ def run_local_workers(worker_argv: list[str], count: int) -> list[int]:
         for p in procs:
             p.wait()
         raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     for i, code in enumerate(codes):
         if code:
             log.warning("local worker %d (pid %d) exited with %s", i, procs[i].pid, code)
     return codes
+
+
+def _term_as_interrupt():
+    """Make SIGTERM raise KeyboardInterrupt here (main thread only); returns the old handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, interrupt)
+
+
+def _die_with_parent(parent: int) -> None:
+    """In a child, before it runs: ask Linux for SIGTERM when the parent dies (prctl
+    PR_SET_PDEATHSIG), and exit if it already has; elsewhere nothing."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() != parent:
+            os._exit(1)
 
 
 def claim_finalizer(study, trials: int, settle_seconds: float = 1.0,
