@@ -500,25 +500,40 @@ def test_palette_and_animated_gif_are_usable_first_frame(tmp_path):
 
 
 # tuner.data silences Pillow's warnings at import, but pytest restores the filters it had
-# before collection, so here the 10000x10000 image's warning needs its own filter.
+# before collection, so here the 12000x12000 image's warning needs its own filter.
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_decompression_bomb_is_skipped_without_decoding(tmp_path):
     root = make_dataset(tmp_path / "ds")
     (root / "alice" / "bomb.png").write_bytes(png_header_only(100_000, 100_000))
-    (root / "bob" / "big.png").write_bytes(png_header_only(10_000, 10_000))
+    (root / "bob" / "big.png").write_bytes(png_header_only(12_000, 12_000))
     limit_before = Image.MAX_IMAGE_PIXELS
     start = time.perf_counter()
     result = do_scan(root)
     assert time.perf_counter() - start < 5  # allocating 30 GB (or 300 MB) of pixels would not be
     assert reason_of(result, "alice/bomb.png").startswith("decompression bomb")
     big = reason_of(result, "bob/big.png")
-    assert big.startswith("decompression bomb") and "10000x10000" in big
+    assert big.startswith("decompression bomb") and "12000x12000" in big
     assert_good_intact(result)
     assert Image.MAX_IMAGE_PIXELS == limit_before is not None, "Pillow's global guard is left on"
     start = time.perf_counter()
     with pytest.raises(ValueError, match="decompression bomb"):
         open_rgb(png_header_only(100_000, 100_000))
     assert time.perf_counter() - start < 1
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_a_108_megapixel_phone_photo_is_not_a_bomb(tmp_path):
+    """A phone's 108 MP mode (12000x9000) was refused as a decompression bomb under the old
+    64-megapixel limit; the scan and predict's decoder take it (at a reduced scale)."""
+    root = make_dataset(tmp_path / "ds")
+    big = Image.linear_gradient("L").resize((12_000, 9_000)).convert("RGB")
+    big.save(root / "alice" / "phone.jpg", quality=80)
+    del big
+    result = do_scan(root)
+    assert result.counts()["alice"]["face"] == 4
+    row = result.images.set_index("path").loc["alice/phone.jpg"]
+    assert (row["width"], row["height"]) == (12_000, 9_000)
+    assert open_rgb((root / "alice" / "phone.jpg").read_bytes(), at_least=96).size[0] >= 96
 
 
 def test_non_image_files_are_skipped(tmp_path):
@@ -918,7 +933,7 @@ def test_cli_unusable_dataset_real_process_stderr(tmp_path):
     palette = Image.new("P", (16, 16))
     palette.putpalette(list(range(256)) * 3)
     palette.save(root / "alice" / "palette.png", transparency=bytes([0] * 8))
-    (root / "alice" / "big.png").write_bytes(png_header_only(10_000, 10_000))  # Pillow warns
+    (root / "alice" / "big.png").write_bytes(png_header_only(12_000, 12_000))  # Pillow warns
     env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
     proc = subprocess.run([sys.executable, "-m", "tuner.cli", "data", str(root)],
                           capture_output=True, text=True, env=env, timeout=120)

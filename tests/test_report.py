@@ -382,3 +382,20 @@ def test_evaluate_says_when_only_strangers_are_in_the_folder():
     assert note not in format_evaluation(ev, title="with_alice")
     del ev["known_people_present"]  # a test split's report: no such key, no note
     assert note not in format_evaluation(ev, title="Test split")
+
+
+def test_trials_csv_keeps_counts_whole_beside_failed_trials(trials, tmp_path):
+    """A failed trial's blank epochs and parameter count made pandas write every count as a
+    float (5.0 epochs, 2400000.0 parameters)."""
+    from tuner.report import write_trials_csv
+
+    path = tmp_path / "trials.csv"
+    write_trials_csv(trials, path)
+    rows = path.read_text().splitlines()
+    header = rows[0].split(",")
+    first = dict(zip(header, rows[1].split(",")))  # trial 0: complete
+    assert (first["number"], first["epochs_stage1"], first["params"]) == ("0", "5", "2400000")
+    failed = dict(zip(header, rows[5].split(",")))
+    assert failed["number"] == "4" and failed["epochs_stage1"] == "" and failed["params"] == ""
+    back = pd.read_csv(path)
+    assert back["epochs_stage2"].dropna().tolist() == [4] * 6

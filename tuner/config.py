@@ -14,6 +14,9 @@ from pathlib import Path
 from .errors import UsageError
 
 NO_FACE_POLICIES = ("member", "unknown", "skip")
+# Declared pixels above which an image is a decompression bomb: a phone's 108-megapixel mode
+# (12000x9000) passes; Pillow itself refuses over about 179 million.
+MAX_PIXELS = 120_000_000
 CLASS_WEIGHT_METHODS = ("balanced", "max_over_count", "none")
 
 
@@ -37,7 +40,7 @@ class ScanConfig:
     # Perceptual-hash Hamming distance (of 64 bits) at or under which two images are near-duplicates.
     near_duplicate_distance: int = 4
     # Images whose declared pixel count exceeds this are refused as decompression bombs.
-    max_pixels: int = 64_000_000
+    max_pixels: int = MAX_PIXELS
     # A regular expression searched in each image's path (relative, with /): photos whose
     # match (its first group, if it has one) is the same lie in one split, like one stranger's
     # photos in Unknown/ or one camera event's frames. None: each photo (or near-duplicate

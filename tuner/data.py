@@ -31,7 +31,7 @@ import pandas as pd
 import simplejpeg
 from PIL import Image, ImageFile, ImageOps, ImageStat
 
-from .config import ScanConfig, SplitConfig
+from .config import MAX_PIXELS, ScanConfig, SplitConfig
 from .errors import DatasetError, UsageError
 from .workers import usable_cpus
 
@@ -193,7 +193,7 @@ class ScanResult:
 # Decoding: one function used by the scan and by the input pipeline, so both see the same pixels.
 
 
-def open_rgb(data: bytes, max_pixels: int = 64_000_000, at_least: int | None = None) -> Image.Image:
+def open_rgb(data: bytes, max_pixels: int = MAX_PIXELS, at_least: int | None = None) -> Image.Image:
     """Decode image bytes to an upright 8-bit RGB image.
 
     Applies the EXIF orientation, takes the first frame of animations, scales 16-bit images

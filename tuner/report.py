@@ -61,6 +61,12 @@ def write_trials_csv(df: pd.DataFrame, path) -> None:
     df = _ordered(df)
     if "number" in df.columns:
         df = df.sort_values("number", kind="stable")
+    for name in ("number", "epochs_stage1", "epochs_stage2", "params"):
+        # Counts stay whole numbers when a failed trial leaves blanks in their column.
+        if name in df.columns:
+            values = pd.to_numeric(df[name], errors="coerce")
+            if values.notna().any() and (values.dropna() % 1 == 0).all():
+                df = df.assign(**{name: values.astype("Int64")})
     _atomic(Path(path), lambda tmp: df.to_csv(tmp, index=False))
 
 
@@ -308,7 +314,10 @@ def plot_history(df: pd.DataFrame, path, objective: str = DEFAULT_OBJECTIVE) -> 
         ax.text(0.5, 0.5, "no trials", ha="center", va="center", transform=ax.transAxes)
     else:
         ax.set_ylim(floor - pad, hi + pad)
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="best", fontsize=8)
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # trial numbers, not 0.5
     ax.set_xlabel("trial number")
     ax.set_ylabel(objective)
     ax.set_title(f"{objective} per trial")

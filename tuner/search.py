@@ -437,7 +437,8 @@ def optuna_trials_frame(study) -> pd.DataFrame:
         params = t.user_attrs.get("trial_params") or _params_from_optuna(t.params)
         metrics = t.user_attrs.get("metrics", {})
         rows.append(_row(t.number, t.state.name, t.value, params, metrics,
-                         t.user_attrs.get("error") or t.system_attrs.get("fail_reason", ""),
+                         t.user_attrs.get("error") or t.system_attrs.get("fail_reason")
+                         or t.user_attrs.get("note", ""),  # why it failed, or was pruned
                          seconds=metrics.get("seconds", t.user_attrs.get("seconds"))))
     return pd.DataFrame(rows)
 
