@@ -27,6 +27,19 @@ hyperparameters:
 """
 
 
+def finish_one_trial(run: Path) -> None:
+    """A run directory whose journal holds a finished trial: its settings are then fixed."""
+    import optuna
+
+    from tuner.search import STUDY_JOURNAL
+    from tuner.storage import open_storage
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name="personclf", direction="maximize",
+                                storage=open_storage(f"journal:{run / STUDY_JOURNAL}"))
+    study.tell(study.ask(), 0.5)
+
+
 def error_line(capsys) -> str:
     """The single line the CLI wrote to stderr (and nothing that looks like a traceback)."""
     err = capsys.readouterr().err
@@ -322,6 +335,7 @@ def test_stage2_warmup_flag_is_part_of_a_runs_identity_and_old_runs_resume(data,
     # from its first step: it resumes with --stage2-warmup-epochs 0 and is refused with the
     # new default, naming the setting.
     run.mkdir()
+    finish_one_trial(run)
     old = off.identity()
     del old["fit"]["warmup_epochs_stage2"]
     (run / "config.json").write_text(json.dumps({**old, "version": 1}))
@@ -401,6 +415,7 @@ def test_a_space_file_edited_between_two_starts_is_refused(data, space, tmp_path
     argv = ["search", "--data", str(data), "--space", str(space), "--output", str(run)]
     first = cli.search_config(cli.build_parser().parse_args(argv))
     run.mkdir()
+    finish_one_trial(run)
     _check_config(first, run / "config.json")
     space.write_text("# a comment\n" + space.read_text() + "\n\n")
     _check_config(cli.search_config(cli.build_parser().parse_args(argv)), run / "config.json")
@@ -414,3 +429,51 @@ def test_a_space_file_edited_between_two_starts_is_refused(data, space, tmp_path
     del saved["space_content"]
     (run / "config.json").write_text(json.dumps(saved))
     _check_config(cli.search_config(cli.build_parser().parse_args(argv)), run / "config.json")
+
+
+def test_a_run_whose_first_start_finished_no_trial_takes_new_settings(data, space, tmp_path,
+                                                                      caplog):
+    """Offline without ImageNet weights, a first start stops at its first trial; the error
+    says to pass --weights PATH, and that rerun on the same --output used to be refused as
+    "different settings". With no trial finished there is nothing to lose: it starts again."""
+    from tuner.errors import UsageError
+    from tuner.search import STUDY_JOURNAL, _check_config
+
+    run = tmp_path / "r"
+    argv = ["search", "--data", str(data), "--space", str(space), "--output", str(run)]
+    first = cli.search_config(cli.build_parser().parse_args(argv))
+    run.mkdir()
+    _check_config(first, run / "config.json")
+    (run / "split.csv").write_text("left by the first start\n")
+    other = cli.search_config(cli.build_parser().parse_args([*argv, "--weights", "none"]))
+    _check_config(other, run / "config.json")
+    assert "no trial had finished there; starting it again with the new settings " \
+           "(fit.weights (--weights))" in caplog.text
+    assert json.loads((run / "config.json").read_text())["fit"]["weights"] is None
+    assert not (run / "split.csv").exists()
+    # Once a trial has finished, the settings are the run's.
+    finish_one_trial(run)
+    assert (run / STUDY_JOURNAL).is_file()
+    with pytest.raises(UsageError, match=r"different settings \(fit\.weights \(--weights\)\)"):
+        _check_config(first, run / "config.json")
+
+
+def test_a_weights_file_with_a_space_of_several_backbones_is_refused_at_the_start(
+        data, tmp_path, capsys, mobilenet_025_weights):
+    two = tmp_path / "two.yaml"
+    two.write_text("backbones:\n  MobileNet: {input_size: [96], alpha: [0.25, 0.5]}\n")
+    run = tmp_path / "r"
+    assert cli.main(["--data", str(data), "--space", str(two), "--weights",
+                     str(mobilenet_025_weights), "--output", str(run)]) == 2
+    assert "a weights file fits one backbone at one width, but the space has 2 (MobileNet " \
+           "alpha 0.25, MobileNet alpha 0.5); narrow it with --backbones" in error_line(capsys)
+    assert not run.exists()
+
+
+def test_a_run_directory_it_cannot_write_is_one_line(data, space, tmp_path, capsys):
+    """A run made by root in Docker and resumed as oneself: its lock file cannot be opened
+    (here the lock is a folder, which root cannot write either)."""
+    run = tmp_path / "run"
+    (run / ".lock").mkdir(parents=True)
+    assert cli.main(["--data", str(data), "--space", str(space), "--output", str(run)]) == 2
+    assert f"--output {run}: cannot write there" in error_line(capsys)

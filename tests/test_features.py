@@ -7,6 +7,7 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import pandas as pd
 import pytest
 
 from conftest import WAIT_FOR_GO, side_by_side
@@ -280,3 +281,57 @@ def test_activations_over_the_memory_budget_train_through_the_model(orl, mobilen
     result, *_ = _two_stages(orl, mobilenet_025_weights, cache)
     assert result.epochs_stage2 > 0 and result.stage2_best > 10 / 40
     assert cache.computed == 1  # only the pooled features, from the images
+
+
+def test_feature_keys_follow_the_split_and_the_weights_files_content(tmp_path):
+    """Swapping a training and a validation photo in a hand-edited split.csv, or replacing the
+    weights file at the same path, found the old features (measured before: a resumed trial
+    scored exactly the old split's val_loss)."""
+    import os
+    from types import SimpleNamespace
+
+    from tuner import features
+
+    split_df = pd.DataFrame({"path": ["a/1.jpg", "a/2.jpg", "b/1.jpg"],
+                             "sha256": ["11", "22", "33"], "split": ["train", "val", "train"]})
+    swapped = split_df.assign(split=["val", "train", "train"])
+    key = features._split_key(SimpleNamespace(split=split_df))
+    assert key == features._split_key(SimpleNamespace(split=split_df.iloc[::-1]))  # row order
+    assert key != features._split_key(SimpleNamespace(split=swapped))
+    weights = tmp_path / "w.h5"
+    weights.write_bytes(b"one")
+    before = features._weights_key(str(weights))
+    weights.write_bytes(b"other")
+    os.utime(weights, ns=(1, 1))
+    assert features._weights_key(str(weights)) != before
+    assert features._weights_key("imagenet") == "imagenet" and features._weights_key(None) == "None"
+
+
+def test_damaged_or_inexact_cache_files_are_never_used_and_a_full_disk_is_a_warning(tmp_path,
+                                                                                   caplog):
+    from tuner.features import Features
+    from tuner.pipeline import _load_images, save_atomically
+
+    cache = FeatureCache(tmp_path)
+    feats = Features(np.ones((2, 3, 4), np.float32), np.ones((3, 4), np.float32))
+    cache._save("k", feats)
+    path = tmp_path / "features-k.npz"
+    data = path.read_bytes()
+    for damaged in (b"", data[: len(data) // 2], data[:-40] + b"\0" * 40):
+        path.write_bytes(damaged)
+        assert cache._load("k") is None  # rebuilt, not an EOFError or BadZipFile
+    images = tmp_path / "images.npy"
+    images.write_bytes(b"")
+    assert _load_images(images, (1, 2, 2, 3)) is None
+    # Features derived from float16 activations are close to their key's, not equal: they stay
+    # in memory only.
+    cache._save("f16", Features(feats.train, feats.val, exact=False))
+    assert not (tmp_path / "features-f16.npz").exists()
+    # A cache that cannot be written (here its folder is a file) costs a warning, no error,
+    # and leaves no temporary file behind.
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file, not a folder")
+    save_atomically(blocked / "x.npy", lambda tmp: np.save(tmp, np.zeros(3)), ".tmp.npy")
+    assert "not written" in caplog.text and blocked.read_text() == "a file, not a folder"
+    FeatureCache(blocked)._save("k", feats)
+    assert caplog.text.count("not written") == 2

@@ -322,6 +322,10 @@ BAD = {
     "freeze_min_max": ("backbones:\n  MobileNetV2:\n    freeze_block: [8, 2]\n", 3, ["min 8 > max 2"]),
     "log_min": (GOOD_HEAD + "hyperparameters:\n  l2: {float: [0.0, 1.0e-2],\n       sampling: log}\n", 5,
                 ["log sampling needs min > 0"]),
+    "log_default_off_grid": (GOOD_HEAD + "hyperparameters:\n  l2: {float: [1.0e-6, 1.0e-2],"
+                             "\n       sampling: log, step: 10, default: 5.0e-5}\n", 5,
+                             ["hyperparameters.l2.default",
+                              "5e-05 is not on the grid 1e-06 * 10**k (1e-06, 1e-05, 0.0001"]),
     "empty_choice": (GOOD_HEAD + "hyperparameters:\n  dense_units: {choice: []}\n", 4,
                      ["hyperparameters.dense_units.choice", "empty list"]),
     "not_number": (GOOD_HEAD + "hyperparameters:\n  dropout: {float: [0.0, abc]}\n", 4,
@@ -402,3 +406,17 @@ def test_one_freeze_block_fixes_it(tmp_path, text):
     assert space.backbones["MobileNetV2"].freeze_block == (12, 12)
     p = define(kt.HyperParameters(), space)
     assert p.freeze_block == 12
+
+
+def test_a_log_grid_default_is_a_grid_value_for_both_engines(tmp_path):
+    """1e-6 * 10**2 is 9.999999999999999e-05 in floating point, so a default of 1e-4 was not
+    among Optuna's choices and the search's first (baseline) trial crashed with a traceback."""
+    path = tmp_path / "s.yaml"
+    path.write_text(GOOD_HEAD + "hyperparameters:\n  l2: {float: [1.0e-6, 1.0e-2], "
+                    "sampling: log, step: 10, default: 1.0e-4}\n")
+    space = load_space(path)
+    assert default_values(space)["l2"] == 1e-4
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    study.enqueue_trial(default_values(space))
+    p = define(OptunaHP(study.ask()), space)
+    assert p.l2 == 1e-4

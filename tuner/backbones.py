@@ -281,6 +281,12 @@ def _build_imagenet(spec: BackboneSpec, what: str, kwargs: dict) -> keras.Model:
     except Exception as exc:  # Keras raises a bare Exception when the download fails.
         origin = re.search(r"URL fetch failure on (\S+?): ", str(exc))
         if origin is None:
+            if isinstance(exc, (OSError, ValueError)):  # h5py on a cut or garbled file
+                reason = " ".join(str(exc).split())[:200]
+                raise WeightsError(
+                    f"{what}: its ImageNet weights file in {_keras_models_dir()} is damaged "
+                    f"({reason}); delete it there so that Keras downloads it again, or pass "
+                    "--weights PATH") from None
             raise
     fname = os.path.basename(urllib.parse.urlsplit(origin.group(1)).path)
     raise WeightsError(

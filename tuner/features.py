@@ -34,7 +34,7 @@ import keras
 import numpy as np
 
 from .config import FitConfig, TrialParams
-from .pipeline import load_or_build, predict_batch, views_for
+from .pipeline import load_or_build, predict_batch, save_atomically, views_for
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,9 @@ class Features:
 
     train: np.ndarray
     val: np.ndarray
+    # False when derived from float16 activations (a tight --cache-memory-mb): close to, but
+    # not, what its key names, so it is never written to disk for another run to find.
+    exact: bool = True
 
     @property
     def nbytes(self) -> int:
@@ -116,7 +119,7 @@ class FeatureCache:
 
     def setting(self, params: TrialParams, cfg: FitConfig, data) -> str:
         """Everything the frozen activations depend on, except where the backbone is cut."""
-        return (f"{params.backbone}|{params.alpha}|{params.input_size}|{cfg.weights}|"
+        return (f"{params.backbone}|{params.alpha}|{params.input_size}|{_weights_key(cfg.weights)}|"
                 f"{round(params.augment, 4)}|{views_for(params, cfg)}|{cfg.seed}|"
                 f"{_split_key(data)}")
 
@@ -248,17 +251,15 @@ class FeatureCache:
         try:
             with np.load(path, allow_pickle=False) as z:
                 return Features(z["train"], z["val"])
-        except (OSError, ValueError, KeyError):
+        except Exception:  # noqa: BLE001 - cut, zeroed or garbled (EOFError, BadZipFile, ...)
             return None  # damaged: recompute
 
     def _save(self, key: str, feats: Features) -> None:
         path = self._path(key)
-        if path is None:
+        if path is None or not feats.exact:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, train=feats.train, val=feats.val)
-        os.replace(tmp, path)
+        save_atomically(path, lambda tmp: np.savez(tmp, train=feats.train, val=feats.val),
+                        ".tmp.npz")
 
 
 def _derive(net: keras.Model, source: Features, dtype) -> Features:
@@ -267,7 +268,8 @@ def _derive(net: keras.Model, source: Features, dtype) -> Features:
     flat = source.train.reshape(k * n, *source.train.shape[2:])  # a view, not a copy
     train, val = (_run_batches(net, (a[i:i + 256] for i in range(0, len(a), 256)), len(a),
                                dtype, 256) for a in (flat, source.val))
-    return Features(train.reshape(k, n, *train.shape[1:]), val)
+    exact = source.exact and source.train.dtype != np.float16
+    return Features(train.reshape(k, n, *train.shape[1:]), val, exact)
 
 
 def _run_batches(net: keras.Model, batches, rows: int, dtype, batch_size: int) -> np.ndarray:
@@ -290,9 +292,25 @@ def _run_batches(net: keras.Model, batches, rows: int, dtype, batch_size: int) -
 
 
 def _split_key(data) -> str:
-    from .pipeline import ImageCache
+    """Which photos, with which content, in which split: a hand-edited split.csv that swaps a
+    training and a validation photo must not find the old split's features."""
+    frame = data.split.sort_values("path")
+    h = hashlib.sha256()
+    for path, digest, which in zip(frame["path"], frame["sha256"], frame["split"]):
+        h.update(f"{path}\0{digest}\0{which}\n".encode())
+    return h.hexdigest()[:16]
 
-    return ImageCache.key(data.split.sort_values("path"))
+
+def _weights_key(weights: str | None) -> str:
+    """A weights file by path, size and modification time: a file replaced at the same path
+    must not find the old file's activations."""
+    if weights in (None, "imagenet"):
+        return str(weights)
+    try:
+        st = os.stat(weights)
+    except OSError:
+        return str(weights)
+    return f"{weights}:{st.st_size}:{st.st_mtime_ns}"
 
 
 def feature_extractor(model: keras.Model) -> keras.Model:

@@ -10,6 +10,7 @@ Model inputs are raw RGB 0..255; backbone preprocessing is inside the model.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -83,9 +84,9 @@ def building(path: Path | None) -> Iterator[bool]:
         yield False
         return
     locks = path.parent / "locks"  # lock files stay (deleting one races its next user)
-    locks.mkdir(parents=True, exist_ok=True)
     lock = FileLock(locks / f"{path.name}.lock")
     try:
+        locks.mkdir(parents=True, exist_ok=True)  # a read-only or full disk: no lock, below
         try:
             lock.acquire(timeout=0)
         except Timeout:
@@ -169,19 +170,30 @@ def _load_images(disk: Path | None, shape: tuple[int, ...]) -> np.ndarray | None
         return None
     try:
         arr = np.load(disk, allow_pickle=False)
-    except (OSError, ValueError):
+    except Exception:  # noqa: BLE001 - cut, zeroed or garbled: rebuilt
         return None
     return arr if arr.shape == shape and arr.dtype == np.uint8 else None
 
 
 def _save_images(disk: Path | None, arr: np.ndarray) -> None:
-    if disk is None:
-        return
-    disk.parent.mkdir(parents=True, exist_ok=True)
-    # A private temporary name: readers never see a half-written file.
-    tmp = disk.with_name(f"{disk.stem}.{os.getpid()}.{id(arr):x}.tmp.npy")
-    np.save(tmp, arr, allow_pickle=False)
-    os.replace(tmp, disk)
+    if disk is not None:
+        save_atomically(disk, lambda tmp: np.save(tmp, arr, allow_pickle=False), ".tmp.npy")
+
+
+def save_atomically(path: Path, write: Callable[[Path], None], suffix: str) -> None:
+    """Write a cache file under a private temporary name, then rename it (readers never see
+    half a file). The caches are an optimisation: a full or read-only disk costs a warning,
+    and the search goes on with what it holds in memory, leaving no half-written file."""
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.{threading.get_ident():x}{suffix}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        log.warning("cache %s not written (%s); going on without it", path,
+                    exc.strerror or exc)
 
 
 @dataclass(frozen=True)

@@ -82,6 +82,7 @@ def prepare(config: SearchConfig, report: bool = True) -> Run:
     # Validate the space and the dataset before config.json is written: a refused start must
     # leave no config behind, or the corrected command would be refused as "different settings".
     space = load_space(config.space, list(config.backbones) or None)
+    _check_weights_file(config.fit.weights, space)
     if not report and split_path.exists():
         _check_config(config, root / "config.json")
         split_df = read_split(split_path, config.data_dir)
@@ -116,6 +117,39 @@ LEGACY_SETTINGS = {"fit": {"warmup_epochs_stage2": 0},
                    "scan": {"group_pattern": None, "no_face_folders": []}}
 
 
+def _check_weights_file(weights: str | None, space: SearchSpace) -> None:
+    """A weights file holds one backbone at one width: with a space of several, the first trial
+    of another would stop the search halfway (after trials had trained)."""
+    if weights in (None, "imagenet"):
+        return
+    kinds = [f"{b.name}" + (f" alpha {a:g}" if a is not None else "")
+             for b in space.backbones.values() for a in (b.alpha or (None,))]
+    if len(kinds) > 1:
+        raise UsageError(f"--weights {weights}: a weights file fits one backbone at one width, "
+                         f"but the space has {len(kinds)} ({', '.join(kinds)}); narrow it with "
+                         "--backbones or a space with one alpha, or use --weights imagenet")
+
+
+def _nothing_finished(config: SearchConfig) -> bool:
+    """No trial of the run's own journal has finished (a start that stopped at its first
+    trial, offline without weights, say): its settings may still change."""
+    import optuna
+    from optuna.trial import TrialState
+
+    journal = config.run_dir / STUDY_JOURNAL
+    if config.engine != "optuna" or config.storage:
+        return False
+    if not journal.is_file():
+        return True
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.load_study(study_name=config.study_name or "personclf",
+                                  storage=open_storage(f"journal:{journal}"))
+    except KeyError:
+        return True
+    return not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+
+
 # The flag behind each setting a refused resume names, where the names differ.
 FLAGS = {"fast": "--no-cache", "pruning": "--no-pruning", "space": "--space",
          "space_content": "the --space file was edited", "backbones": "--backbones",
@@ -143,6 +177,14 @@ def _check_config(config: SearchConfig, path: Path) -> None:
                 saved[section] = {**defaults, **saved[section]}
         changed = [f"{name} ({FLAGS[name]})" if name in FLAGS else name
                    for name in _changed(saved, current)]
+        if changed and _nothing_finished(config):
+            # Nothing to lose: start the run again with these settings (its split and study go).
+            log.warning("%s: no trial had finished there; starting it again with the new "
+                        "settings (%s)", config.run_dir, ", ".join(changed))
+            for name in ("split.csv", STUDY_JOURNAL, "scan.json"):
+                (config.run_dir / name).unlink(missing_ok=True)
+            write_json({**current, "version": 1}, path)
+            return
         if changed:
             raise UsageError(
                 f"{config.run_dir} was started with different settings ({', '.join(changed)}); "
@@ -622,7 +664,12 @@ class RunLock:
         except OSError as exc:
             raise UsageError(f"--output {folder}: cannot create it ({exc.strerror or exc})") \
                 from None
-        self.fh = open(self.path, "w")
+        try:
+            self.fh = open(self.path, "w")
+        except OSError as exc:  # a run made by another user (root in Docker), a read-only disk
+            raise UsageError(f"--output {folder}: cannot write there ({exc.strerror or exc}); "
+                             "check its owner and permissions, or pass another --output") \
+                from None
         try:
             fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

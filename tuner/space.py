@@ -392,6 +392,13 @@ class _Reader:
                 raise self.error(node, p, f"{value} is outside [{low}, {high}]")
             if step and sampling == "linear" and not _is_multiple(value - low, step):
                 raise self.error(node, p, f"{value} is not on the grid {low} + k * {step}")
+            if step and sampling == "log":
+                grid = _log_grid(low, high, step, kind_type)
+                near = [g for g in grid if math.isclose(g, value, rel_tol=1e-9)]
+                if not near:
+                    raise self.error(node, p, f"{value:g} is not on the grid {low:g} * {step:g}**k "
+                                              f"({', '.join(f'{g:g}' for g in grid)})")
+                return near[0]
             return value
 
         return replace(spec, default=self.default(entry, path, read_default, None))
@@ -713,9 +720,11 @@ class OptunaHP:
 
 
 def _log_grid(low, high, step, kind) -> list:
-    """KerasTuner's log-with-step values: low * step**k up to high."""
+    """KerasTuner's log-with-step values: low * step**k up to high, rounded to 12 significant
+    digits (1e-6 * 10**2 is 9.999999999999999e-05 in floating point; a default of 1e-4, or a
+    value typed into a file, must be found among them)."""
     count = int(math.log(high / low, step) + 1e-8) + 1
-    return [kind(low * step**k) for k in range(count)]
+    return [kind(float(f"{low * step**k:.12g}")) for k in range(count)]
 
 
 # --------------------------------------------------------------------------------------------

@@ -190,20 +190,21 @@ def fail_dead_trials(study, all_dead: bool = False) -> list[int]:
     now = datetime.datetime.now()  # Optuna's datetime_start is naive local time too
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         host, pid = t.system_attrs.get("worker_host"), t.system_attrs.get("worker_pid")
-        if all_dead:
-            reason = (f"left running by worker {host}:{pid}, which is gone (the run directory "
-                      "was free)")
-        elif t._trial_id in stale:
+        if t._trial_id in stale:
             grace = getattr(getattr(storage, "_backend", storage), "grace_period", None)
             reason = (f"no heartbeat for over {grace} s (worker {host}:{pid} died, hung or lost "
                       "the database)")
         elif host is None or pid is None:
             started = t.datetime_start
-            if started is None or (now - started).total_seconds() < ORPHAN_SECONDS:
+            if not all_dead and (started is None or
+                                 (now - started).total_seconds() < ORPHAN_SECONDS):
                 continue  # its worker is probably writing its name right now
             reason = "no worker recorded (it died as the trial started)"
         elif _alive(host, int(pid), t.system_attrs.get("worker_ns"), heartbeats):
-            continue
+            if not all_dead:
+                continue
+            reason = (f"left running by worker {host}:{pid}, which is gone (the run directory "
+                      "was free)")
         else:
             reason = f"worker {host}:{pid} died"
         try:
