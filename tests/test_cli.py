@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -342,23 +343,17 @@ def test_stage2_warmup_flag_is_part_of_a_runs_identity_and_old_runs_resume(data,
     _check_config(off, run / "config.json")
     with pytest.raises(UsageError, match=r"fit\.warmup_epochs_stage2"):
         _check_config(default, run / "config.json")
-    # Likewise --group-pattern: such a directory split photo by photo.
-    del old["scan"]["group_pattern"]
-    (run / "config.json").write_text(json.dumps({**old, "version": 1}))
-    _check_config(off, run / "config.json")
-    grouped = cli.search_config(cli.build_parser().parse_args(
-        [*argv, "--stage2-warmup-epochs", "0", "--group-pattern", "^Unknown/(.+)_"]))
-    with pytest.raises(UsageError, match=r"\(scan\.group_pattern \(--group-pattern\)\)"):
-        _check_config(grouped, run / "config.json")
-    # And --no-face-folder: such a directory read every nested folder as no-face.
-    del old["scan"]["no_face_folders"]
-    (run / "config.json").write_text(json.dumps({**old, "version": 1}))
-    _check_config(off, run / "config.json")
-    named = cli.search_config(cli.build_parser().parse_args(
-        [*argv, "--stage2-warmup-epochs", "0", "--no-face-folder", "no_face"]))
-    assert named.scan.no_face_folders == ("no_face",)
-    with pytest.raises(UsageError, match=r"\(scan\.no_face_folders \(--no-face-folder\)\)"):
-        _check_config(named, run / "config.json")
+    # Likewise --group-pattern (such a directory split photo by photo) and --no-face-folder
+    # (it read every nested folder as no-face): the old default resumes, a new value is refused.
+    for key, flag, value in (("group_pattern", "--group-pattern", "^Unknown/(.+)_"),
+                             ("no_face_folders", "--no-face-folder", "no_face")):
+        del old["scan"][key]
+        (run / "config.json").write_text(json.dumps({**old, "version": 1}))
+        _check_config(off, run / "config.json")
+        given = cli.search_config(cli.build_parser().parse_args(
+            [*argv, "--stage2-warmup-epochs", "0", flag, value]))
+        with pytest.raises(UsageError, match=re.escape(f"(scan.{key} ({flag}))")):
+            _check_config(given, run / "config.json")
 
 
 def test_reports_are_never_written_into_the_dataset_and_bad_run_configs_are_one_line(
