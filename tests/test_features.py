@@ -309,7 +309,7 @@ def test_feature_keys_follow_the_split_and_the_weights_files_content(tmp_path):
 
 def test_damaged_or_inexact_cache_files_are_never_used_and_a_full_disk_is_a_warning(tmp_path,
                                                                                    caplog):
-    from tuner.features import Features
+    from tuner.features import Features, _derive
     from tuner.pipeline import _load_images, save_atomically
 
     cache = FeatureCache(tmp_path)
@@ -324,8 +324,14 @@ def test_damaged_or_inexact_cache_files_are_never_used_and_a_full_disk_is_a_warn
     images.write_bytes(b"")
     assert _load_images(images, (1, 2, 2, 3)) is None
     # Features derived from float16 activations are close to their key's, not equal: they stay
-    # in memory only.
-    cache._save("f16", Features(feats.train, feats.val, exact=False))
+    # in memory only (and so does all that is derived from them).
+    inputs = keras.Input((4,))
+    net = keras.Model(inputs, keras.layers.Activation("linear")(inputs))
+    assert _derive(net, feats, np.float32).exact
+    half = _derive(net, Features(feats.train.astype(np.float16), feats.val.astype(np.float16)),
+                   np.float32)
+    assert not half.exact and not _derive(net, half, np.float32).exact
+    cache._save("f16", half)
     assert not (tmp_path / "features-f16.npz").exists()
     # A cache that cannot be written (here its folder is a file) costs a warning, no error,
     # and leaves no temporary file behind.

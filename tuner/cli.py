@@ -399,10 +399,10 @@ def _check_output(flag: str, path: Path | None, data_dir: Path | None,
         raise UsageError(f"{flag} {path}: is a folder; give a file name")
     if folder and path.exists() and not path.is_dir():
         raise UsageError(f"{flag} {path}: is a file; give a folder")
-    if data_dir is not None and \
-            Path(os.path.realpath(path)).is_relative_to(os.path.realpath(data_dir)):
-        raise UsageError(f"{flag} {path}: inside the dataset folder {data_dir}; write it "
-                         "elsewhere (this tool never changes the dataset)")
+    if data_dir is not None:
+        from .config import refuse_inside_dataset
+
+        refuse_inside_dataset(flag, path, data_dir)
 
 
 def _write_output(flag: str, path: Path, write) -> None:

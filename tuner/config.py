@@ -20,6 +20,15 @@ MAX_PIXELS = 120_000_000
 CLASS_WEIGHT_METHODS = ("balanced", "max_over_count", "none")
 
 
+def refuse_inside_dataset(flag: str, path: Path, data_dir: Path,
+                          why: str = "this tool never changes the dataset") -> None:
+    """Nothing is written into the dataset folder: a report or run folder there would be read
+    as a person by the next scan. One check for every output flag."""
+    if Path(os.path.realpath(path)).is_relative_to(os.path.realpath(data_dir)):
+        raise UsageError(f"{flag} {path}: inside the dataset folder {data_dir}; write it "
+                         f"elsewhere ({why})")
+
+
 def _check_seed(seed: int) -> None:
     """Seeds feed numpy's generators, which take only non-negative integers."""
     if not 0 <= seed < 2**31:
@@ -222,10 +231,8 @@ class SearchConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
         object.__setattr__(self, "run_dir", Path(self.run_dir))
-        if Path(os.path.realpath(self.run_dir)).is_relative_to(os.path.realpath(self.data_dir)):
-            raise UsageError(f"--output {self.run_dir}: inside the dataset folder "
-                             f"{self.data_dir}, where the next scan would read it as a person; "
-                             "write it elsewhere")
+        refuse_inside_dataset("--output", self.run_dir, self.data_dir,
+                              "the next scan would read it as a person")
         object.__setattr__(self, "space", Path(self.space))
         object.__setattr__(self, "backbones", tuple(self.backbones))
         if self.scan is None:

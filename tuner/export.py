@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from . import quiet
+from .config import refuse_inside_dataset
 from .errors import TunerError, UsageError
 
 log = logging.getLogger(__name__)
@@ -895,9 +896,7 @@ def _check_export_target(final: Path, run_dir: Path, data_dir: Path, chosen: boo
     if Path(os.path.realpath(run_dir)).is_relative_to(real):
         raise UsageError(f"--output {final}: would replace the run directory {run_dir}; give a "
                          "new folder")
-    if real.is_relative_to(os.path.realpath(data_dir)):
-        raise UsageError(f"--output {final}: inside the dataset folder {data_dir}; write it "
-                         "elsewhere (this tool never changes the dataset)")
+    refuse_inside_dataset("--output", final, data_dir)
     if final.exists() and not final.is_dir():
         raise UsageError(f"--output {final}: is a file; give a folder")
     if chosen and final.is_dir() and any(final.iterdir()):

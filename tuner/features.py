@@ -294,11 +294,9 @@ def _run_batches(net: keras.Model, batches, rows: int, dtype, batch_size: int) -
 def _split_key(data) -> str:
     """Which photos, with which content, in which split: a hand-edited split.csv that swaps a
     training and a validation photo must not find the old split's features."""
-    frame = data.split.sort_values("path")
-    h = hashlib.sha256()
-    for path, digest, which in zip(frame["path"], frame["sha256"], frame["split"]):
-        h.update(f"{path}\0{digest}\0{which}\n".encode())
-    return h.hexdigest()[:16]
+    from .pipeline import ImageCache
+
+    return ImageCache.key(data.split.sort_values("path"), "split")
 
 
 def _weights_key(weights: str | None) -> str:

@@ -132,10 +132,11 @@ class ImageCache:
         self.decoded = 0  # images decoded so far (tests and the benchmark read it)
 
     @staticmethod
-    def key(frame: pd.DataFrame) -> str:
+    def key(frame: pd.DataFrame, *columns: str) -> str:
+        """Hash of each row's path and content, in the frame's order, and of `columns` too."""
         h = hashlib.sha256()
-        for path, digest in zip(frame["path"], frame["sha256"]):
-            h.update(f"{path}\0{digest}\n".encode())
+        for row in zip(frame["path"], frame["sha256"], *(frame[c] for c in columns)):
+            h.update(("\0".join(map(str, row)) + "\n").encode())
         return h.hexdigest()[:16]
 
     def images(self, frame: pd.DataFrame, size: int) -> np.ndarray:
